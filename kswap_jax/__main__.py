@@ -1,0 +1,3 @@
+from kswap_jax.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Data: the embedded digits dataset, TFDS / folder sources and the input pipeline."""

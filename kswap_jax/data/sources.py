@@ -1,0 +1,121 @@
+"""Random-access image-classification sources: TFDS datasets by name, or a local folder.
+
+A `Source` has `labels` (N,) int64, `class_names` (K,), and `image(i)` -> uint8 (H, W, C).
+TFDS datasets are read with `builder.as_data_source`, which needs no TensorFlow for
+array_record files (JPEG/PNG decoded with Pillow). `folder:/path` reads
+`/path/<split>/<class name>/<image file>`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from kswap_jax.data import digits
+from kswap_jax.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+@dataclasses.dataclass
+class Source:
+  name: str
+  split: str
+  labels: np.ndarray
+  class_names: list[str]
+  image: Callable[[int], np.ndarray]
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+def default_data_dir() -> str:
+  return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def open_source(name: str, split: str, data_dir: str | None = None,
+                image_key: str = "image", label_key: str = "label") -> Source:
+  """Opens split `split` of dataset `name` ("cifar100", "sklearn_digits", "folder:/path")."""
+  if name.startswith("folder:"):
+    return _folder_source(name[len("folder:"):], split)
+  data_dir = data_dir or default_data_dir()
+  if name == digits.NAME:
+    builder = digits.prepare(data_dir)
+  else:
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+      raise UserError(f"unknown dataset {name!r}; use a TFDS name (e.g. 'cifar100'), "
+                      f"'{digits.NAME}', or 'folder:/path/to/dir'") from None
+    if not builder.is_prepared():
+      raise UserError(f"dataset {name!r} is not prepared in {data_dir}; build it there "
+                      f"(e.g. `tfds build {name} --data_dir {data_dir} --file_format "
+                      f"array_record`) or set data.data_dir")
+  try:
+    ds = builder.as_data_source(split=split)
+  except (ValueError, KeyError) as e:
+    raise UserError(f"split {split!r} of {name!r} cannot be read ({e}); available splits: "
+                    f"{sorted(builder.info.splits)}") from None
+  features = builder.info.features
+  if image_key not in features or label_key not in features:
+    raise UserError(f"dataset {name!r} has features {sorted(features)}; set data image_key/"
+                    f"label_key to the image and class-label features")
+  n = len(ds)
+  labels = np.fromiter((ds[i][label_key] for i in range(n)), np.int64, n)
+  return Source(name, split, labels, list(features[label_key].names),
+                lambda i: np.asarray(ds[int(i)][image_key]))
+
+
+def _folder_source(root: str, split: str) -> Source:
+  d = os.path.join(root, split)
+  if not os.path.isdir(d):
+    avail = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    raise UserError(f"folder dataset {root!r} has no split folder {split!r}; found {avail}")
+  # Class names and ids come from the union of all split folders, so splits agree.
+  classes = sorted({c for s in os.listdir(root) if os.path.isdir(os.path.join(root, s))
+                    for c in os.listdir(os.path.join(root, s))
+                    if os.path.isdir(os.path.join(root, s, c))})
+  files, labels = [], []
+  for k, c in enumerate(classes):
+    cdir = os.path.join(d, c)
+    if not os.path.isdir(cdir):
+      continue
+    for f in sorted(os.listdir(cdir)):
+      if f.lower().endswith(IMAGE_SUFFIXES):
+        files.append(os.path.join(cdir, f))
+        labels.append(k)
+  if not files:
+    raise UserError(f"folder dataset {d!r} holds no images ({', '.join(IMAGE_SUFFIXES)}) "
+                    f"in class subfolders")
+  return Source(f"folder:{root}", split, np.asarray(labels, np.int64), classes,
+                lambda i: np.asarray(Image.open(files[int(i)]).convert("RGB")))
+
+
+def parse_classes(spec: Any, class_names: Sequence[str], what: str) -> list[int]:
+  """Class ids from a spec: list of ids / names, or a string "0-4,7" or "cat,dog"."""
+  if isinstance(spec, str):
+    spec = [s.strip() for s in spec.split(",") if s.strip()]
+  out: list[int] = []
+  for item in spec:
+    if isinstance(item, str) and "-" in item and all(p.isdigit() for p in item.split("-", 1)):
+      lo, hi = map(int, item.split("-", 1))
+      out.extend(range(lo, hi + 1))
+    elif isinstance(item, (int, np.integer)) or (isinstance(item, str) and item.isdigit()):
+      out.append(int(item))
+    elif item in class_names:
+      out.append(list(class_names).index(item))
+    else:
+      raise UserError(f"{what}: unknown class {item!r}; allowed: ids 0-{len(class_names) - 1} "
+                      f"or names such as {list(class_names)[:5]}")
+  bad = [c for c in out if not 0 <= c < len(class_names)]
+  if bad:
+    raise UserError(f"{what}: class ids {bad} are out of range 0-{len(class_names) - 1}")
+  if not out:
+    raise UserError(f"{what}: the class list is empty; name at least one class")
+  if len(set(out)) != len(out):
+    raise UserError(f"{what}: class list {out} repeats a class")
+  return out

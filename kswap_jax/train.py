@@ -1,0 +1,191 @@
+"""Train state, pure update steps and evaluation shared by every job.
+
+State (a plain dict pytree)::
+
+  step        int32 ()           global update count (checkpoint step)
+  stage_step  int32 ()           updates in the current stage (drives the lr schedule)
+  rng         uint32 key data    base key; step s uses fold_in(rng, s)
+  params      frozen base params (never updated)
+  trainable   {"lora": LoRA tree or {}, "params": trainable subset of params or {}}
+  opt         optax state of `optax.inject_hyperparams(optax.adamw)` over `trainable`
+  hparams     {name: float32 ()}  learning rate, weight decay, loss weights, bounds
+
+Everything a study may vary is an array in `hparams`, so a step can be vmapped over members.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from kswap_jax import lora as lora_lib
+from kswap_jax.data import pipeline
+from kswap_jax.errors import UserError
+
+State = dict[str, Any]
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """A ViT plus the static facts its forward pass needs (LoRA scale, input normalisation)."""
+  model: nn.Module
+  lora_scale: float = 1.0
+  mean: float = 0.5
+  std: float = 0.5
+  rng_impl: str = "threefry2x32"
+
+  def apply(self, params, lora, images, *, train: bool = False, rng=None,
+            return_embedding: bool = False):
+    """uint8 images (B, H, W, C) -> logits (B, K) [, embedding (B, D)]."""
+    x = pipeline.normalize(images, self.mean, self.std)
+    rngs = {"dropout": rng} if train else None
+    return lora_lib.apply(self.model, params, lora, x, scale=self.lora_scale, train=train,
+                          rngs=rngs, return_embedding=return_embedding)
+
+
+def partition(params, trainable: str) -> tuple[dict, dict]:
+  """Splits params into (frozen, trainable) by a regex fully matching "a/b/leaf" paths."""
+  flat = traverse_util.flatten_dict(params, sep="/")
+  hit = {k: v for k, v in flat.items() if trainable and re.fullmatch(trainable, k)}
+  rest = {k: v for k, v in flat.items() if k not in hit}
+  return (traverse_util.unflatten_dict(rest, sep="/"),
+          traverse_util.unflatten_dict(hit, sep="/") if hit else {})
+
+
+def combine(frozen, trainable_params) -> dict:
+  """Inverse of `partition`."""
+  if not trainable_params:
+    return frozen
+  flat = traverse_util.flatten_dict(frozen, sep="/")
+  flat.update(traverse_util.flatten_dict(trainable_params, sep="/"))
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def decay_mask(tree):
+  """Weight decay on matrices (ndim >= 2) only: LoRA A/B and kernels, not biases or norms."""
+  return jax.tree_util.tree_map(lambda x: x.ndim >= 2, tree)
+
+
+def make_optimizer(b1=0.9, b2=0.999, eps=1e-8) -> optax.GradientTransformation:
+  """AdamW whose learning_rate and weight_decay are arrays in its state (set by the step)."""
+  return optax.inject_hyperparams(optax.adamw)(
+      learning_rate=0.0, b1=b1, b2=b2, eps=eps, weight_decay=0.0, mask=decay_mask)
+
+
+def lr_factor(stage_step, *, total_steps: int, warmup_steps: int = 0, end_ratio: float = 1e-3,
+              steps_per_epoch: int = 0):
+  """Linear warm-up, then cosine decay from 1 to `end_ratio` over the stage.
+
+  steps_per_epoch > 0: the cosine advances once per epoch (epoch e of E gets
+  cos(pi e / E)), as in the papers' per-epoch schedules; warm-up is then not used.
+  """
+  if steps_per_epoch:
+    t, total, warm = stage_step // steps_per_epoch, -(-total_steps // steps_per_epoch), 1.0
+  else:
+    t, total = stage_step - warmup_steps, max(1, total_steps - warmup_steps)
+    warm = jnp.minimum(1.0, (stage_step + 1) / warmup_steps) if warmup_steps else 1.0
+  progress = jnp.clip(t / total, 0.0, 1.0)
+  return warm * (end_ratio + (1 - end_ratio) * 0.5 * (1 + jnp.cos(jnp.pi * progress)))
+
+
+def init_state(params, lora, trainable_regex: str, hparams: dict[str, float], seed: int,
+               tx: optax.GradientTransformation, rng_impl: str = "threefry2x32") -> State:
+  frozen, tparams = partition(params, trainable_regex)
+  trainable = {"lora": lora or {}, "params": tparams}
+  return {
+      "step": jnp.zeros((), jnp.int32),
+      "stage_step": jnp.zeros((), jnp.int32),
+      "rng": jax.random.key_data(jax.random.key(seed, impl=rng_impl)),
+      "params": frozen,
+      "trainable": trainable,
+      "opt": tx.init(trainable),
+      "hparams": {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()},
+  }
+
+
+def full_params(state: State) -> dict:
+  """The model's params (frozen + trainable subset), LoRA not merged."""
+  return combine(state["params"], state["trainable"]["params"])
+
+
+def make_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+              schedule: Callable[[jax.Array], jax.Array],
+              rng_impl: str = "threefry2x32") -> Callable[[State, Any], tuple[State, dict]]:
+  """Pure update `(state, batches) -> (state, metrics)`.
+
+  loss_fn(trainable, frozen_params, hparams, batches, rng) -> (loss, metrics dict).
+  lr = hparams["lr"] * schedule(stage_step); weight decay = hparams["weight_decay"].
+  """
+
+  def step(state: State, batches) -> tuple[State, dict]:
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"], impl=rng_impl),
+                             state["step"])
+    hp = state["hparams"]
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["trainable"], state["params"], hp, batches, rng)
+    opt = state["opt"]
+    lr = hp["lr"] * schedule(state["stage_step"])
+    opt.hyperparams["learning_rate"] = lr
+    opt.hyperparams["weight_decay"] = hp["weight_decay"]
+    updates, opt = tx.update(grads, opt, state["trainable"])
+    trainable = optax.apply_updates(state["trainable"], updates)
+    metrics = {"loss": loss, "lr": lr, **metrics}
+    return {**state, "step": state["step"] + 1, "stage_step": state["stage_step"] + 1,
+            "trainable": trainable, "opt": opt}, metrics
+
+  return step
+
+
+def make_mesh(data: int = -1) -> jax.sharding.Mesh:
+  """1-D mesh ("data",) over `data` devices (-1: all)."""
+  n = jax.device_count() if data == -1 else data
+  if n < 1 or n > jax.device_count() or jax.device_count() % n:
+    raise UserError(f"mesh.data={data} does not fit {jax.device_count()} devices; use -1 or a "
+                    f"divisor of the device count")
+  return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:n])
+
+
+def data_sharding(mesh):
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+
+def replicated(mesh):
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def compile_step(step_fn, mesh) -> Callable:
+  """jit with donated, replicated state and data-sharded batches."""
+  return jax.jit(step_fn, donate_argnums=0,
+                 out_shardings=(replicated(mesh), replicated(mesh)))
+
+
+def correct_counts(net: Network, num_classes: int):
+  """Jitted (params, lora, batch) -> (correct (K,), count (K,)) int32 for one eval batch."""
+
+  @jax.jit
+  def fn(params, lora, batch):
+    logits = net.apply(params, lora, batch["images"])
+    hit = (jnp.argmax(logits, -1) == batch["labels"]) & batch["mask"]
+    onehot = jax.nn.one_hot(batch["labels"], num_classes, dtype=jnp.int32)
+    return (onehot * hit[:, None]).sum(0), (onehot * batch["mask"][:, None]).sum(0)
+
+  return fn
+
+
+def evaluate(count_fn, params, lora, examples: pipeline.ExampleSet, batch_size: int,
+             mesh) -> tuple[np.ndarray, np.ndarray]:
+  """Per-class (correct, count) over every example of `examples`."""
+  correct = count = 0
+  for b in pipeline.eval_batches(examples, batch_size, data_sharding(mesh)):
+    c, n = count_fn(params, lora, b)
+    correct, count = correct + c, count + n
+  return np.asarray(correct), np.asarray(count)

@@ -1,0 +1,139 @@
+"""A job's working directory: orbax checkpoints, the config, results and exported models.
+
+  workdir/config.json        the run's config (a rerun with a different config is refused)
+  workdir/checkpoints/<step> orbax train-state checkpoints (last K kept)
+  workdir/metrics.jsonl      one JSON line per logged step
+  workdir/results.json       evaluation results, written atomically
+  workdir/model/             exported model: params (orbax) + model.json (config, classes)
+
+Only process 0 writes the JSON files; orbax saves and restores collectively.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from kswap_jax.errors import UserError
+
+# Fields that may differ between a run and its continuation.
+RESUMABLE_FIELDS = ("checkpoint", "log_every", "eval_batch_size")
+
+
+def is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically (temp file + rename): a crash never leaves a half file."""
+  if not is_main():
+    return
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+  with os.fdopen(fd, "w") as f:
+    json.dump(obj, f, indent=1, default=_jsonable)
+  os.replace(tmp, path)
+
+
+def _jsonable(x):
+  if isinstance(x, (np.generic, jax.Array)):
+    return np.asarray(x).tolist()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def read_json(path: str, default=None):
+  if not os.path.exists(path):
+    return default
+  with open(path) as f:
+    return json.load(f)
+
+
+def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Saves config.json, or refuses a workdir that holds a run of a different config."""
+  path = os.path.join(workdir, "config.json")
+  new = json.loads(config.to_json_best_effort())
+  old = read_json(path)
+  if old is not None:
+    diff = sorted(k for k in set(old) | set(new)
+                  if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k))
+    if diff:
+      raise UserError(f"workdir {workdir} holds a run with a different config (fields {diff}); "
+                      f"use a new --workdir or the same config to resume")
+  write_json(path, new)
+
+
+class Checkpoints:
+  """orbax CheckpointManager for the train state: save every N steps, keep K, resume."""
+
+  def __init__(self, directory: str, every_steps: int, keep: int):
+    self.every = every_steps
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def restore(self, state):
+    """Latest checkpoint restored onto the shardings and shapes of `state`, or None."""
+    step = self.manager.latest_step()
+    if step is None:
+      return None
+    target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    try:
+      return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+    except (ValueError, KeyError) as e:
+      raise UserError(f"checkpoint {self.manager.directory}/{step} does not fit this run's "
+                      f"state ({str(e).splitlines()[0][:200]}); use a new --workdir") from None
+
+  def maybe_save(self, step: int, state, force: bool = False) -> None:
+    if force or (self.every and step % self.every == 0):
+      if self.manager.latest_step() != step:
+        self.manager.save(step, args=ocp.args.StandardSave(state))
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def export_model(directory: str, params, model_config: ml_collections.ConfigDict,
+                 label_space: list, extra: dict | None = None) -> None:
+  """Writes params (orbax) and model.json; a failed export leaves an older one intact."""
+  directory = os.path.abspath(directory)
+  tmp = directory + ".tmp"
+  ckptr = ocp.StandardCheckpointer()
+  if os.path.exists(tmp) and is_main():
+    shutil.rmtree(tmp)
+  ckptr.save(os.path.join(tmp, "params"), params)
+  ckptr.wait_until_finished()
+  write_json(os.path.join(tmp, "model.json"),
+             {"model": model_config.to_dict(), "classes": label_space, **(extra or {})})
+  if is_main():
+    if os.path.exists(directory):
+      old = directory + ".old"
+      os.replace(directory, old)
+      os.replace(tmp, directory)
+      shutil.rmtree(old)
+    else:
+      os.replace(tmp, directory)
+
+
+def load_model(directory: str) -> tuple[dict, dict]:
+  """(params, model.json dict) of an exported model; a run's workdir also works."""
+  for d in (directory, os.path.join(directory, "model")):
+    if os.path.exists(os.path.join(d, "model.json")):
+      meta = read_json(os.path.join(d, "model.json"))
+      params = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(d, "params")))
+      return params, meta
+  raise UserError(f"no exported model at {directory!r} (expected model.json there or in "
+                  f"its model/ folder); run a pretrain job first or give a .npz file")
