@@ -40,6 +40,12 @@ def example_set(data: ml_collections.ConfigDict, spec: ml_collections.ConfigDict
       name=name)
 
 
+def split_of(data: ml_collections.ConfigDict, spec: ml_collections.ConfigDict,
+             which: str) -> str:
+  """spec.<which>_split if the set names one (e.g. "train[80%:]"), else data.<which>_split."""
+  return spec.get(f"{which}_split") or data[f"{which}_split"]
+
+
 def label_space(data: ml_collections.ConfigDict, dataset: str, classes,
                 what: str) -> pipeline.LabelSpace:
   src = source(data, dataset, data.train_split)

@@ -5,7 +5,7 @@ import importlib
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from kswap_jax.errors import UserError
@@ -39,14 +39,21 @@ def main(argv: list[str] | None = None) -> None:
   job = argv.pop(1)
 
   def app_main(_):
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
       _run(job)
     except UserError as e:
       print(f"kswap {job}: error: {e}", file=sys.stderr)
       sys.exit(2)
 
-  try:
-    app.run(app_main, argv=argv)
-  except UserError as e:  # raised while parsing the config file's argument
-    print(f"kswap {job}: error: {e}", file=sys.stderr)
-    sys.exit(2)
+  def parse_flags(args):
+    try:
+      return flags.FLAGS(args)
+    except flags.Error as e:  # bad flag, or a UserError raised inside get_config(arg)
+      lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+      msg = next((line.split("UserError: ", 1)[1] for line in reversed(lines)
+                  if "UserError: " in line), " ".join(lines))
+      print(f"kswap {job}: error: {msg}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(app_main, argv=argv, flags_parser=parse_flags)

@@ -76,7 +76,7 @@ def decay_mask(tree):
 
 def make_optimizer(b1=0.9, b2=0.999, eps=1e-8) -> optax.GradientTransformation:
   """AdamW whose learning_rate and weight_decay are arrays in its state (set by the step)."""
-  return optax.inject_hyperparams(optax.adamw)(
+  return optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
       learning_rate=0.0, b1=b1, b2=b2, eps=eps, weight_decay=0.0, mask=decay_mask)
 
 

@@ -51,15 +51,15 @@ def open_source(name: str, split: str, data_dir: str | None = None,
     except tfds.core.registered.DatasetNotFoundError:
       raise UserError(f"unknown dataset {name!r}; use a TFDS name (e.g. 'cifar100'), "
                       f"'{digits.NAME}', or 'folder:/path/to/dir'") from None
-    if not builder.is_prepared():
-      raise UserError(f"dataset {name!r} is not prepared in {data_dir}; build it there "
-                      f"(e.g. `tfds build {name} --data_dir {data_dir} --file_format "
-                      f"array_record`) or set data.data_dir")
   try:
     ds = builder.as_data_source(split=split)
-  except (ValueError, KeyError) as e:
-    raise UserError(f"split {split!r} of {name!r} cannot be read ({e}); available splits: "
-                    f"{sorted(builder.info.splits)}") from None
+  except Exception as e:  # pylint: disable=broad-except
+    if not builder.is_prepared():
+      raise UserError(f"dataset {name!r} is not prepared in {data_dir}; build it there (e.g. "
+                      f"`tfds build {name} --data_dir {data_dir} --file_format array_record`) "
+                      f"or set data.data_dir") from None
+    raise UserError(f"split {split!r} of {name!r} cannot be read ({str(e)[:200]}); available "
+                    f"splits: {sorted(builder.info.splits)}") from None
   features = builder.info.features
   if image_key not in features or label_key not in features:
     raise UserError(f"dataset {name!r} has features {sorted(features)}; set data image_key/"

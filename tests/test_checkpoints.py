@@ -1,0 +1,265 @@
+"""Tests of kswap_jax.checkpoints: vision_transformer and big_vision `.npz` files."""
+
+import functools
+
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import special
+
+from kswap_jax import checkpoints
+from kswap_jax.errors import UserError
+from kswap_jax.models import vit
+
+IMAGE = (8, 8, 3)
+PATCH = 2
+# our name fragment -> vision_transformer (pre-Linen) name fragment
+_TO_VIT = (("MultiHeadDotProductAttention_0/", "MultiHeadDotProductAttention_1/"),
+           ("LayerNorm_1/", "LayerNorm_2/"), ("MlpBlock_0/", "MlpBlock_3/"))
+
+
+def _model(num_classes=10, rep=None):
+  return vit.ViT(num_classes=num_classes, representation_size=rep,
+                 **vit.get_variant(f"Nano/{PATCH}"))
+
+
+@functools.cache
+def _init(num_classes=10, rep=None, image=IMAGE):
+  """Initial params (cached: tests only read them)."""
+  return vit.init_params(_model(num_classes, rep), jax.random.key(0), image)
+
+
+@functools.cache
+def _random_params(num_classes=10, rep=None):
+  """Params with every leaf random (the initial head is all zeros)."""
+  rng = np.random.default_rng(1)
+  return jax.tree.map(lambda x: jnp.asarray(0.5 * rng.normal(size=x.shape), x.dtype),
+                      _init(num_classes, rep))
+
+
+def _flat(params):
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+
+
+def _vit_flat(params, class_row):
+  """Our params in the vision_transformer layout, class row prepended to the pos embedding."""
+  out = {}
+  for k, v in _flat(params).items():
+    if k == "pos_embedding":
+      k, v = "Transformer/posembed_input/pos_embedding", np.concatenate([class_row, v], axis=1)
+    for ours, theirs in _TO_VIT:
+      k = k.replace(ours, theirs)
+    out[k] = v
+  return out
+
+
+def _write(path, flat):
+  np.savez(path, **flat)
+  return str(path)
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.dtype == y.dtype
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _layer_norm(x, w, name):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + 1e-6) * w[f"{name}/scale"] + w[f"{name}/bias"]
+
+
+def _reference_logits(w, images):
+  """Plain-numpy (float64) ViT forward on a vision_transformer-layout dict: (B,H,W,C) -> (B,K)."""
+  w = {k: v.astype(np.float64) for k, v in w.items()}
+  b, h, wd, c = images.shape
+  p = PATCH
+  x = images.astype(np.float64).reshape(b, h // p, p, wd // p, p, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, p * p * c)
+  x = x @ w["embedding/kernel"].reshape(p * p * c, -1) + w["embedding/bias"]
+  cls = np.broadcast_to(w["cls"], (b, 1, x.shape[-1]))
+  x = np.concatenate([cls, x], axis=1) + w["Transformer/posembed_input/pos_embedding"]
+  depth = 0
+  while f"Transformer/encoderblock_{depth}/LayerNorm_0/scale" in w:
+    blk = f"Transformer/encoderblock_{depth}/"
+    att = blk + "MultiHeadDotProductAttention_1/"
+    y = _layer_norm(x, w, blk + "LayerNorm_0")
+    q, k, v = (np.einsum("btd,dhk->bthk", y, w[f"{att}{n}/kernel"]) + w[f"{att}{n}/bias"]
+               for n in ("query", "key", "value"))
+    s = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(q.shape[-1])
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    o = np.einsum("bhqs,bshk->bqhk", a, v)
+    x = x + np.einsum("bqhk,hkd->bqd", o, w[att + "out/kernel"]) + w[att + "out/bias"]
+    y = _layer_norm(x, w, blk + "LayerNorm_2")
+    y = y @ w[blk + "MlpBlock_3/Dense_0/kernel"] + w[blk + "MlpBlock_3/Dense_0/bias"]
+    y = 0.5 * y * (1 + special.erf(y / np.sqrt(2)))
+    x = x + y @ w[blk + "MlpBlock_3/Dense_1/kernel"] + w[blk + "MlpBlock_3/Dense_1/bias"]
+    depth += 1
+  assert depth == 2
+  x = _layer_norm(x, w, "Transformer/encoder_norm")[:, 0]
+  if "pre_logits/kernel" in w:
+    x = np.tanh(x @ w["pre_logits/kernel"] + w["pre_logits/bias"])
+  return x @ w["head/kernel"] + w["head/bias"]
+
+
+@pytest.mark.parametrize("rep", [None, 16])
+def test_vision_transformer_file_matches_reference_forward(tmp_path, rep):
+  model = _model(rep=rep)
+  class_row = np.random.default_rng(0).normal(size=(1, 1, 32)).astype(np.float32)
+  w = _vit_flat(_random_params(rep=rep), class_row)
+  path = _write(tmp_path / "vit.npz", w)
+  assert checkpoints.detect_format(w) == checkpoints.VISION_TRANSFORMER
+
+  params = checkpoints.load_pretrained(path, _init(rep=rep))
+  images = np.random.default_rng(1).normal(size=(3, *IMAGE)).astype(np.float32)
+  got = model.apply({"params": params}, jnp.asarray(images))
+  np.testing.assert_allclose(np.asarray(got), _reference_logits(w, images), atol=1e-4, rtol=1e-4)
+
+
+def test_big_vision_round_trip(tmp_path):
+  params = _random_params()
+  path = str(tmp_path / "sub" / "bv.npz")
+  checkpoints.save_npz(path, params)
+  assert checkpoints.detect_format(np.load(path).files) == checkpoints.BIG_VISION
+  _assert_trees_equal(checkpoints.load_pretrained(path, _init()), params)
+
+
+def test_big_vision_params_prefix_and_scanned_blocks(tmp_path):
+  params = _random_params()
+  flat = _flat(params)
+  scanned = {}
+  for k, v in flat.items():
+    if k.startswith("Transformer/encoderblock_0/"):
+      rest = k[len("Transformer/encoderblock_0/"):]
+      scanned["Transformer/encoderblock/" + rest] = np.stack(
+          [v, flat["Transformer/encoderblock_1/" + rest]])
+    elif not k.startswith("Transformer/encoderblock_"):
+      scanned[k] = v
+  path = _write(tmp_path / "bv.npz", {"params/" + k: v for k, v in scanned.items()})
+  _assert_trees_equal(checkpoints.load_pretrained(path, _init()), params)
+
+
+def test_load_casts_to_init_dtype_and_save_writes_float32(tmp_path):
+  path = str(tmp_path / "bf16.npz")
+  checkpoints.save_npz(path, jax.tree.map(lambda x: x.astype(jnp.bfloat16), _random_params()))
+  assert all(v.dtype == np.float32 for v in np.load(path).values())
+  init = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _init())
+  loaded = checkpoints.load_pretrained(path, init)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(loaded))
+
+
+def test_posemb_resampled_to_new_grid(tmp_path):
+  flat = _flat(_random_params())
+  row = np.arange(32, dtype=np.float32)
+  flat["pos_embedding"] = np.broadcast_to(row, (1, 16, 32)).copy()  # constant 4x4 grid
+  path = _write(tmp_path / "bv.npz", flat)
+  pos = checkpoints.load_pretrained(path, _init(image=(16, 16, 3)))["pos_embedding"]
+  assert pos.shape == (1, 64, 32)
+  np.testing.assert_allclose(np.asarray(pos), np.broadcast_to(row, (1, 64, 32)), atol=1e-5)
+
+
+def test_posemb_class_row_folded_into_cls_before_resampling(tmp_path):
+  params = _random_params()
+  class_row = np.full((1, 1, 32), 3.0, np.float32)
+  path = _write(tmp_path / "vit.npz", _vit_flat(params, class_row))
+  loaded = checkpoints.load_pretrained(path, _init(image=(16, 16, 3)))
+  assert loaded["pos_embedding"].shape == (1, 64, 32)
+  np.testing.assert_allclose(np.asarray(loaded["cls"]), np.asarray(params["cls"]) + 3.0)
+
+
+def test_resample_posemb_rejects_non_square_grid():
+  with pytest.raises(UserError, match="square"):
+    checkpoints.resample_posemb(np.zeros((1, 16, 4), np.float32), 32)
+
+
+def test_head_kept_from_init_when_class_count_differs(tmp_path):
+  params = _random_params(num_classes=10)
+  path = _write(tmp_path / "bv.npz", _flat(params))
+  init = _init(num_classes=5)
+  loaded = checkpoints.load_pretrained(path, init)
+  _assert_trees_equal(loaded["head"], init["head"])
+  _assert_trees_equal(loaded["Transformer"], params["Transformer"])
+
+
+def test_dont_load_keeps_init_head_when_shapes_match(tmp_path):
+  params = _random_params()
+  path = _write(tmp_path / "bv.npz", _flat(params))
+  init = _init()
+  loaded = checkpoints.load_pretrained(path, init, dont_load=("head/.*",))
+  _assert_trees_equal(loaded["head"], init["head"])
+  _assert_trees_equal(loaded["embedding"], params["embedding"])
+
+
+def test_dont_load_allows_names_absent_from_file(tmp_path):
+  flat = _flat(_random_params())
+  del flat["pos_embedding"]
+  init = _init()
+  loaded = checkpoints.load_pretrained(_write(tmp_path / "bv.npz", flat), init,
+                                       dont_load=("pos_embedding",))
+  _assert_trees_equal(loaded["pos_embedding"], init["pos_embedding"])
+
+
+def test_pre_logits_dropped_when_model_has_none(tmp_path):
+  params = _random_params(rep=16)
+  path = _write(tmp_path / "vit.npz", _vit_flat(params, np.zeros((1, 1, 32), np.float32)))
+  init = _init()
+  loaded = checkpoints.load_pretrained(path, init)
+  assert "pre_logits" not in loaded
+  _assert_trees_equal(loaded["head"], init["head"])  # its input width was the pre_logits width
+
+
+def _bv_file(tmp_path, edit):
+  flat = _flat(_random_params())
+  edit(flat)
+  return _write(tmp_path / "bv.npz", flat)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda f: f.update(extra=np.zeros(3)), "unexpected in file: extra"),
+    (lambda f: f.pop("Transformer/encoder_norm/scale"),
+     "missing in file: Transformer/encoder_norm/scale"),
+    (lambda f: f.update({"Transformer/encoderblock_0/MlpBlock_0/Dense_0/bias": np.zeros(7)}),
+     "Transformer/encoderblock_0/MlpBlock_0/Dense_0/bias: file (7) vs model (64)"),
+])
+def test_mismatch_raises_user_error_naming_param(tmp_path, edit, expected):
+  with pytest.raises(UserError) as e:
+    checkpoints.load_pretrained(_bv_file(tmp_path, edit), _init())
+  assert expected in str(e.value)
+  assert "\n" not in str(e.value)
+
+
+def test_vision_transformer_unexpected_name_reported_as_in_file(tmp_path):
+  flat = _vit_flat(_random_params(), np.zeros((1, 1, 32), np.float32))
+  flat["Transformer/encoderblock_0/MlpBlock_3/Dense_2/bias"] = np.zeros(3)
+  with pytest.raises(UserError, match="unexpected in file: .*MlpBlock_3/Dense_2/bias"):
+    checkpoints.load_pretrained(_write(tmp_path / "vit.npz", flat), _init())
+
+
+def test_long_name_lists_truncated(tmp_path):
+  path = _bv_file(tmp_path, lambda f: f.update({f"extra_{i}": np.zeros(1) for i in range(9)}))
+  with pytest.raises(UserError, match=r"\.\.\. and 4 more"):
+    checkpoints.load_pretrained(path, _init())
+
+
+def test_missing_file(tmp_path):
+  path = str(tmp_path / "nope.npz")
+  with pytest.raises(UserError, match=f"pretrained checkpoint not found: {path}"):
+    checkpoints.load_pretrained(path, _init())
+
+
+def test_unreadable_file(tmp_path):
+  path = tmp_path / "bad.npz"
+  path.write_text("not an archive")
+  with pytest.raises(UserError, match="could not read pretrained checkpoint"):
+    checkpoints.load_pretrained(str(path), _init())
+
+
+def test_invalid_dont_load_regex(tmp_path):
+  path = _bv_file(tmp_path, lambda f: None)
+  with pytest.raises(UserError, match="dont_load regex"):
+    checkpoints.load_pretrained(path, _init(), dont_load=("head/(",))

@@ -1,0 +1,185 @@
+"""End-to-end jobs at runlocal size: pretrain, resume, workdir safety, CLI, swap."""
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from ml_collections import config_flags
+
+from kswap_jax import checkpoints, config_lib, swap, workdir
+from kswap_jax.data import pipeline
+from kswap_jax.errors import UserError
+from kswap_jax.jobs import pretrain as pretrain_job
+from kswap_jax.jobs import swap as swap_job
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(name, arg="runlocal"):
+  return config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
+      name, os.path.join(ROOT, "configs", name)).get_config(arg)
+
+
+def _pretrain_config():
+  c = _config("pretrain_digits.py", "runlocal,classes=0-4")
+  c.data.fraction = 0.15
+  return c
+
+
+def test_pretrain_end_to_end_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
+  full = pretrain_job.run(_pretrain_config(), str(tmp_path / "a"))
+  assert 0 <= full["test_accuracy"] <= 100 and full["steps"] > 4
+  assert os.path.exists(tmp_path / "a" / "metrics.jsonl")
+  calls = {"n": 0}
+  real = pipeline.batch
+
+  def interrupted(*args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == 4:
+      raise KeyboardInterrupt
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(pipeline, "batch", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    pretrain_job.run(_pretrain_config(), str(tmp_path / "b"))
+  monkeypatch.setattr(pipeline, "batch", real)
+  assert workdir.Checkpoints(str(tmp_path / "b" / "checkpoints"), 2, 2).latest_step() == 2
+  resumed = pretrain_job.run(_pretrain_config(), str(tmp_path / "b"))
+  assert resumed["test_accuracy"] == full["test_accuracy"]
+  pa, _ = workdir.load_model(str(tmp_path / "a"))
+  pb, meta = workdir.load_model(str(tmp_path / "b"))
+  chex.assert_trees_all_close(pa, pb, atol=1e-6)
+  assert [c[2] for c in meta["classes"]] == ["0", "1", "2", "3", "4"]
+
+
+def test_workdir_with_other_config_is_refused(tmp_path):
+  c = _pretrain_config()
+  workdir.check_config(str(tmp_path), c)
+  c.train.lr = 0.5
+  with pytest.raises(UserError, match=r"different config \(fields \['train'\]\)"):
+    workdir.check_config(str(tmp_path), c)
+
+
+def _cli(*args, cwd=ROOT):
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  return subprocess.run([sys.executable, "-m", "kswap_jax", *args], capture_output=True,
+                        text=True, cwd=cwd, env=env)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nojob"], "first argument must be a job"),
+    (["pretrain", "--config", "configs/pretrain_digits.py:runlocal,bogus=1", "--workdir", "w"],
+     "unknown config argument 'bogus'"),
+    (["pretrain", "--config", "configs/pretrain_digits.py:runlocal", "--workdir", "{w}",
+      "--config.data.classes=0,11"], "data.classes: class ids [11] are out of range 0-9"),
+    (["pretrain", "--config", "configs/pretrain_digits.py:runlocal", "--workdir", "{w}",
+      "--config.model.variant=Z/2"], "unknown ViT variant 'Z/2'"),
+    (["pretrain", "--config", "configs/pretrain_digits.py:runlocal", "--workdir", "{w}",
+      "--config.data.dataset=imagenet_nope"], "unknown dataset 'imagenet_nope'"),
+])
+def test_cli_bad_input_gives_one_line_error(tmp_path, args, message):
+  out = _cli(*[a.replace("{w}", str(tmp_path / "w")) for a in args])
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert message in out.stderr
+  assert len([line for line in out.stderr.splitlines() if "error" in line]) == 1
+
+
+def test_swap_plan_and_head_growth():
+  assert [k for k, _, _ in swap.plan("lbf")] == ["learn", "forget"]
+  assert swap.plan("lbf")[1][1] == "retain+learn" and swap.plan("fbl")[0][1] == "retain"
+  assert [k for k, _, _ in swap.plan("simultaneous")] == ["swap"]
+  with pytest.raises(UserError, match="order='bfl'"):
+    swap.plan("bfl")
+  params = {"head": {"kernel": np.ones((4, 3), np.float32), "bias": np.ones(3, np.float32)}}
+  grown = swap.grow_head(params, 2, jax.random.key(0))
+  assert grown["head"]["kernel"].shape == (4, 5)
+  np.testing.assert_array_equal(grown["head"]["kernel"][:, :3], 1.0)
+  np.testing.assert_array_equal(grown["head"]["bias"], [1, 1, 1, 0, 0])
+
+
+def test_swap_stage_losses_match_their_formulas():
+  from kswap_jax import lora as lora_lib, losses, train
+  from kswap_jax.models import vit
+  model = vit.ViT(num_classes=4, **vit.get_variant("Nano/2"))
+  params = vit.init_params(model, jax.random.key(0), (8, 8, 1))
+  net = train.Network(model, lora_scale=0.5)
+  lora = jax.tree_util.tree_map(lambda x: x + 0.1,
+                                lora_lib.init(jax.random.key(1), params, rank=2))
+  rng = np.random.default_rng(0)
+  mk = lambda y: {"images": rng.integers(0, 255, (3, 8, 8, 1)).astype(np.uint8),  # noqa: E731
+                  "labels": np.array(y, np.int32)}
+  batches = {"retain": mk([0, 1, 0]), "forget": mk([2, 2, 2]), "learn": mk([3, 3, 3])}
+  hp = dict(learn=1.5, retain_in_learn=0.3, retain=1.0, forget=0.2, bound=3.0, sparse=0.01)
+  trainable = {"lora": lora, "params": {}}
+  ce = {n: losses.cross_entropy(net.apply(params, lora, b["images"]), b["labels"])
+        for n, b in batches.items()}
+  s = losses.group_sparse(lora)
+  expect = {
+      "learn": 1.5 * ce["learn"] + 0.3 * ce["retain"] + 0.01 * s,
+      "forget": ce["retain"] + 0.2 * max(0.0, 3.0 - ce["forget"]) + 0.01 * s,
+      "swap": 1.5 * ce["learn"] + ce["retain"] + 0.2 * max(0.0, 3.0 - ce["forget"]) + 0.01 * s,
+  }
+  for kind, value in expect.items():
+    used = {k: batches[k] for k in ("retain", "forget", "learn")
+            if k == "retain" or (k == "learn") == (kind != "forget") or
+            (k == "forget" and kind == "swap")}
+    # dropout off (model dropout 0), so train=True equals the eval forward
+    loss, _ = swap.stage_loss(net, kind, "block")(trainable, params, hp, used,
+                                                   jax.random.key(0))
+    np.testing.assert_allclose(loss, value, rtol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["lbf", "simultaneous"])
+def test_swap_digits_runlocal(tmp_path, order):
+  c = _config("swap_digits.py", f"runlocal,order={order}")
+  c.init.pretrain.data.fraction = 0.15
+  for s in ("retain", "forget", "learn"):
+    c.sets[s].fraction = 0.2
+  res = swap_job.run(c, str(tmp_path))
+  kinds = [k for k, _, _ in swap.plan(order)]
+  assert [r["after"] for r in res["evals"]] == ["pretrained"] + kinds
+  assert all(0 <= r[k] <= 100 for r in res["evals"] for k in ("acc_r", "acc_f", "acc_l"))
+  assert len(res["blocks"][kinds[-1]]) == 2
+  for f in ("results.json", "accuracy.png", "lora_blocks.png", "model/model.json"):
+    assert os.path.exists(tmp_path / f)
+  _, meta = workdir.load_model(str(tmp_path))
+  assert meta["model"]["num_classes"] == 10 and meta["classes"][-1][2] == "9"
+
+
+def _mock_source_fn(num_classes_per_ds):
+  """as_data_source_fn for tfds.testing.mock_data: 3 images per class, controlled labels."""
+  def fn(builder, split, *args, **kwargs):
+    del args, kwargs
+    k = num_classes_per_ds.get(builder.name, 10)
+    rng = np.random.default_rng(abs(hash((builder.name, str(split)))) % 2**32)
+    return [{"image": rng.integers(0, 255, (20, 24, 3), np.uint8), "label": i % k}
+            for i in range(3 * k)]
+  return fn
+
+
+@pytest.mark.parametrize("learn", ["cub", "plants"])
+def test_swap_imagenet100_config_on_mock_data(tmp_path, learn):
+  c = _config("swap_imagenet100.py", f"runlocal,learn={learn}")
+  names = list(tfds.builder("imagenet2012").info.features["label"].names)
+  wanted = [names.index(w) for w in config_lib.IMAGENET100[:10]]
+
+  def imagenet_fn(builder, split, *args, **kwargs):
+    if builder.name != "imagenet2012":
+      return _mock_source_fn({})(builder, split)
+    rng = np.random.default_rng(0)
+    return [{"image": rng.integers(0, 255, (40, 30, 3), np.uint8), "label": wanted[i % 10]}
+            for i in range(40)]
+
+  from kswap_jax.models import vit
+  model = vit.ViT(num_classes=10, **vit.get_variant("Nano/8"))
+  npz = str(tmp_path / "in100.npz")
+  checkpoints.save_npz(npz, vit.init_params(model, jax.random.key(3), (32, 32, 3)))
+  c.init.checkpoint = npz
+  with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE,
+                              as_data_source_fn=imagenet_fn):
+    res = swap_job.run(c, str(tmp_path / "run"))
+  assert [r["after"] for r in res["evals"]] == ["pretrained", "learn", "forget"]
