@@ -168,12 +168,16 @@ def compile_step(step_fn, mesh) -> Callable:
                  out_shardings=(replicated(mesh), replicated(mesh)))
 
 
-def correct_counts(net: Network, num_classes: int):
-  """Jitted (params, lora, batch) -> (correct (K,), count (K,)) int32 for one eval batch."""
+def correct_counts(net, num_classes: int, pass_labels: bool = False):
+  """Jitted (params, lora, batch) -> (correct (K,), count (K,)) int32 for one eval batch.
+
+  pass_labels: call `net.apply(..., labels=)` (a margin head that sees the true labels).
+  """
 
   @jax.jit
   def fn(params, lora, batch):
-    logits = net.apply(params, lora, batch["images"])
+    extra = {"labels": batch["labels"]} if pass_labels else {}
+    logits = net.apply(params, lora, batch["images"], **extra)
     hit = (jnp.argmax(logits, -1) == batch["labels"]) & batch["mask"]
     onehot = jax.nn.one_hot(batch["labels"], num_classes, dtype=jnp.int32)
     return (onehot * hit[:, None]).sum(0), (onehot * batch["mask"][:, None]).sum(0)

@@ -1,0 +1,56 @@
+"""GS-LoRA on ImageNet-100 with ViT-B/16: forget 20 classes per task for 4 tasks (100-20 x 4).
+
+  kswap forget --config configs/forget_imagenet100.py:ckpt=/ckpts/vit_b16_in100.npz \
+      --workdir runs/forget_in100
+
+init.checkpoint (`ckpt=`): a ViT-B/16 `.npz` (vision_transformer or big_vision layout) whose
+head already classifies the 100 classes (`classes=`, default ImageNet ids 0-99). A checkpoint
+with another head keeps a zero head: fine-tune it on the 100 classes with `kswap pretrain` first
+and pass its exported model directory instead.
+Splits: train[:98%] for training, train[98%:] for model selection, validation for test.
+Retain data: 5% of each retained class (`sets.retain.per_class=4` for the 4-shot setting).
+
+Arguments: ckpt, classes, method, seed, group, per_task, num_tasks, runlocal.
+"""
+import ml_collections
+
+from kswap_jax import config_lib, continual
+
+
+def get_config(arg=None):
+  a = config_lib.parse_arg(arg, runlocal=False, ckpt="", classes="0-99", method="gs_lora",
+                           seed=0, group="block", per_task=20, num_tasks=4)
+  c = ml_collections.ConfigDict()
+  c.seed = a.seed
+  c.method = a.method
+  c.data = config_lib.imagenet_data(224)
+  c.data.update(train_split="train[:98%]", val_split="train[98%:]", test_split="validation")
+  c.sets = ml_collections.ConfigDict(dict(retain=dict(fraction=0.05, per_class=0),
+                                          forget=dict(fraction=1.0, per_class=0)))
+  c.tasks = ml_collections.ConfigDict(dict(forget=[], per_task=a.per_task,
+                                           num_tasks=a.num_tasks,
+                                           order_seed=continual.PROTOCOL_SEED))
+  c.model = ml_collections.ConfigDict(dict(variant="B/16", dropout=0.0, dtype="float32"))
+  c.init = ml_collections.ConfigDict(dict(checkpoint=a.ckpt, dataset="imagenet2012",
+                                          classes=a.classes))
+  c.lora = config_lib.lora(rank=8, alpha=1.0, a_init="small")
+  c.lora.a_init_first = "kaiming"
+  c.head = ml_collections.ConfigDict(dict(kind="linear", scale=64.0, margin=0.35,
+                                          margin_at_eval=False))
+  c.group = a.group
+  c.weights = ml_collections.ConfigDict(dict(
+      beta=[0.2, 0.25, 0.25, 0.25], bound=105.0, alpha=1e-4, proto_bound=18.0, w_f=0.05,
+      w_r=0.05))
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=48, epochs=100, warmup_epochs=20, lr=continual.get_method(a.method).lr,
+      lr_end=1e-5, weight_decay=0.05))
+  c.select_best = True
+  c.eval_every_epochs = 5
+  if a.runlocal:
+    c.data.update(image_size=32, eval_batch_size=16)
+    c.model.variant = "Nano/16"
+    c.sets.retain.per_class = 1
+    c.tasks.num_tasks = min(a.num_tasks, 2)
+    c.train.update(batch_size=4, epochs=1, warmup_epochs=0)
+    c.eval_every_epochs = 1
+  return config_lib.common(c, a.runlocal)
