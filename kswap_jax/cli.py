@@ -10,7 +10,7 @@ from ml_collections import config_flags
 
 from kswap_jax.errors import UserError
 
-JOBS = ("pretrain", "swap", "forget")
+JOBS = ("pretrain", "swap", "forget", "dispose", "sweep")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (file.py[:args]).",
                                           lock_config=False)

@@ -53,3 +53,31 @@ def group_norms(lora, group: str = "block", eps: float = 1e-12) -> dict[str, jax
 def group_sparse(lora, group: str = "block", eps: float = 1e-12) -> jax.Array:
   """Group lasso S = sum_g sqrt(sum_{W in g} |W|_F^2 + eps); gradient finite (0) at zero."""
   return sum(group_norms(lora, group, eps).values(), jnp.zeros((), jnp.float32))
+
+
+SIMILARITIES = ("cosine", "dot")
+
+
+def gradient_collision(per_batch_grads, similarity: str = "cosine",
+                       eps: float = 1e-12) -> jax.Array:
+  """Mean pairwise similarity of K gradients: GC = mean_{i != j} sim(g_i, g_j).
+
+  per_batch_grads: a pytree whose leaves have a leading axis K >= 2 (one gradient per source
+    sub-batch); each g_k is the concatenation of its flattened leaves.
+  similarity: "cosine" -> <g_i, g_j> / (|g_i| |g_j|) (|g|^2 gets `eps` added);
+    "dot" -> <g_i, g_j>.
+  Returns a scalar: lower means the K gradients point in more different directions.
+  """
+  if similarity not in SIMILARITIES:
+    raise UserError(f"gc similarity {similarity!r} is not allowed; use one of {SIMILARITIES}")
+  leaves = jax.tree_util.tree_leaves(per_batch_grads)
+  k = leaves[0].shape[0] if leaves else 0
+  if k < 2:
+    raise UserError(f"gradient collision needs K >= 2 gradients, got K={k}; use more "
+                    "sub-batches")
+  gram = sum(jnp.einsum("ip,jp->ij", x.reshape(k, -1), x.reshape(k, -1),
+                        precision=jax.lax.Precision.HIGHEST) for x in leaves)  # (K, K)
+  if similarity == "cosine":
+    norms = jnp.sqrt(jnp.diagonal(gram) + eps)
+    gram = gram / (norms[:, None] * norms[None, :])
+  return (gram.sum() - jnp.trace(gram)) / (k * (k - 1))

@@ -26,8 +26,8 @@ import optax
 from flax import traverse_util
 
 from kswap_jax import lora as lora_lib
+from kswap_jax import sharding
 from kswap_jax.data import pipeline
-from kswap_jax.errors import UserError
 
 State = dict[str, Any]
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -144,30 +144,6 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation,
   return step
 
 
-def make_mesh(data: int = -1) -> jax.sharding.Mesh:
-  """1-D mesh ("data",) over `data` devices (-1: all)."""
-  n = jax.device_count() if data == -1 else data
-  if n < 1 or n > jax.device_count() or jax.device_count() % n:
-    raise UserError(f"mesh.data={data} does not fit {jax.device_count()} devices; use -1 or a "
-                    f"divisor of the device count")
-  return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:n])
-
-
-def data_sharding(mesh):
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-
-
-def replicated(mesh):
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
-def compile_step(step_fn, mesh) -> Callable:
-  """jit with donated, replicated state and data-sharded batches."""
-  return jax.jit(step_fn, donate_argnums=0,
-                 out_shardings=(replicated(mesh), replicated(mesh)))
-
-
 def correct_counts(net, num_classes: int, pass_labels: bool = False):
   """Jitted (params, lora, batch) -> (correct (K,), count (K,)) int32 for one eval batch.
 
@@ -189,7 +165,7 @@ def evaluate(count_fn, params, lora, examples: pipeline.ExampleSet, batch_size: 
              mesh) -> tuple[np.ndarray, np.ndarray]:
   """Per-class (correct, count) over every example of `examples`."""
   correct = count = 0
-  for b in pipeline.eval_batches(examples, batch_size, data_sharding(mesh)):
+  for b in pipeline.eval_batches(examples, batch_size, sharding.data_sharding(mesh)):
     c, n = count_fn(params, lora, b)
     correct, count = correct + c, count + n
   return np.asarray(correct), np.asarray(count)

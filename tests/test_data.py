@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from kswap_jax import train
+from kswap_jax import sharding
 from kswap_jax.data import pipeline, sources
 from kswap_jax.errors import UserError
 
@@ -105,9 +105,9 @@ def test_epoch_sampler_is_a_function_of_step():
 def test_batches_and_eval_padding():
   src = sources.open_source("sklearn_digits", "test")
   ex = pipeline.select(src, [0], [0], image_size=8, channels=1)
-  mesh = train.make_mesh()
-  b = pipeline.batch(ex, np.arange(4), train.data_sharding(mesh))
+  mesh = sharding.make_mesh()
+  b = pipeline.batch(ex, np.arange(4), sharding.data_sharding(mesh))
   assert isinstance(b["images"], jax.Array) and b["images"].shape == (4, 8, 8, 1)
-  batches = list(pipeline.eval_batches(ex, 32, train.data_sharding(mesh)))
+  batches = list(pipeline.eval_batches(ex, 32, sharding.data_sharding(mesh)))
   assert sum(int(x["mask"].sum()) for x in batches) == len(ex)
   assert batches[-1]["images"].shape[0] == 32

@@ -27,7 +27,7 @@ import matplotlib
 import ml_collections
 import numpy as np
 
-from kswap_jax import builders, continual, heads, loop, train, workdir
+from kswap_jax import builders, continual, heads, loop, sharding, train, workdir
 from kswap_jax import lora as lora_lib
 from kswap_jax.data import pipeline, sources
 from kswap_jax.errors import UserError
@@ -79,7 +79,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
     raise UserError(f"the model's classes come from several datasets "
                     f"{sorted({e[0] for e in labels.entries})}; forget needs one")
   tasks = tasks_from_config(config.tasks, labels)
-  mesh = train.make_mesh(config.mesh.data)
+  mesh = sharding.make_mesh(config.mesh)
   hcfg, lcfg, tcfg, wcfg = config.head, config.lora, config.train, config.weights
   net = heads.HeadNetwork(builders.network(config, model_cfg), hcfg.kind, hcfg.scale,
                           hcfg.margin)
@@ -89,7 +89,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
              if config.select_best else None)
   test_set = _example_set(config, labels, everything, config.data.test_split, "test")
   counts = train.correct_counts(net, k, pass_labels=hcfg.margin_at_eval)
-  sharding = train.data_sharding(mesh)
+  batch_sharding = sharding.data_sharding(mesh)
 
   def measure(params, lora, examples):
     return train.evaluate(counts, params, lora, examples, config.data.eval_batch_size, mesh)
@@ -102,7 +102,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   def protos(params, sets):
     sums = n = 0
     for s in sets:
-      for b in pipeline.eval_batches(s, config.data.eval_batch_size, sharding):
+      for b in pipeline.eval_batches(s, config.data.eval_batch_size, batch_sharding):
         ds, dn = emb_sums(params, b)
         sums, n = sums + ds, n + dn
     return continual.prototypes(sums, n)
@@ -129,7 +129,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
     dim = jax.eval_shape(lambda p: net.apply(p, None, dummy, return_embedding=True)[1],
                          params).shape[-1]
     state["protos"] = jnp.zeros((k, dim), jnp.float32)
-  state = jax.device_put(state, train.replicated(mesh))
+  state = jax.device_put(state, sharding.replicated(mesh))
   model_size = lora_lib.count(params)
 
   path = os.path.join(run_dir, "results.json")
@@ -167,7 +167,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
         {"beta": continual.task_value(wcfg.beta, t, "weights.beta")})
     if method.prototypes:
       state["protos"] = protos(params, train_sets)
-    return jax.device_put(state, train.replicated(mesh))
+    return jax.device_put(state, sharding.replicated(mesh))
 
   def end(state, t, task):
     params = continual.merged_model(state, net.lora_scale)
@@ -192,7 +192,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
     if config.select_best and ((s + 1) % eval_steps == 0 or s + 1 == total):
       a = _accs(*measure(train.full_params(state), state["trainable"]["lora"], val_set), task)
       h = h_mean(a["acc_r"], row(t)["val_acc_f_before"], a["acc_f"])
-      state = jax.device_put(continual.keep_best(state, h), train.replicated(mesh))
+      state = jax.device_put(continual.keep_best(state, h), sharding.replicated(mesh))
     return state, metrics
 
   stages = []
@@ -218,11 +218,11 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
       return inner(state, {**data, "ctx": ctx})
 
     def batches(s, retain=retain, forget=forget, rs=rs, fs=fs):
-      return s, {"retain": pipeline.batch(retain, rs.positions(s), sharding),
-                 "forget": pipeline.batch(forget, fs.positions(s), sharding)}
+      return s, {"retain": pipeline.batch(retain, rs.positions(s), batch_sharding),
+                 "forget": pipeline.batch(forget, fs.positions(s), batch_sharding)}
 
     step = functools.partial(select, t=t, task=task,
-                             step_fn=train.compile_step(with_ctx, mesh),
+                             step_fn=sharding.compile_step(with_ctx, mesh),
                              eval_steps=config.eval_every_epochs * spe, total=steps)
     stages.append(loop.Stage(
         f"task {t}", steps, step, batches,

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from kswap_jax import builders, checkpoints, loop, losses, train, workdir
+from kswap_jax import builders, checkpoints, loop, losses, sharding, train, workdir
 from kswap_jax.data import pipeline
 from kswap_jax.models import vit
 from kswap_jax.progress import say, table
@@ -21,7 +21,7 @@ from kswap_jax.progress import say, table
 def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   workdir.check_config(run_dir, config)
   data, tcfg = config.data, config.train
-  mesh = train.make_mesh(config.mesh.data)
+  mesh = sharding.make_mesh(config.mesh)
   labels = builders.label_space(data, data.dataset, data.classes, "data.classes")
   spec = ml_collections.ConfigDict(dict(dataset=data.dataset, classes=data.classes,
                                         fraction=data.get("fraction", 1.0),
@@ -40,7 +40,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   tx = train.make_optimizer()
   state = train.init_state(params, None, ".*", {"lr": tcfg.lr, "weight_decay": tcfg.weight_decay},
                            config.seed, tx, net.rng_impl)
-  state = jax.device_put(state, train.replicated(mesh))
+  state = sharding.shard_state(state, mesh, config.mesh.get("rules", ()))
 
   def loss_fn(trainable, frozen, hp, batches, rng):
     del hp
@@ -54,8 +54,9 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   schedule = functools.partial(train.lr_factor, total_steps=steps,
                                warmup_steps=tcfg.get("warmup_steps", 0),
                                end_ratio=tcfg.lr_end / tcfg.lr)
-  step = train.compile_step(train.make_step(loss_fn, tx, schedule, net.rng_impl), mesh)
-  sharding = train.data_sharding(mesh)
+  step = sharding.compile_step(train.make_step(loss_fn, tx, schedule, net.rng_impl), mesh,
+                               jax.tree.map(lambda x: x.sharding, state))
+  batch_sharding = sharding.data_sharding(mesh)
   counts = train.correct_counts(net, len(labels))
   results = {}
 
@@ -77,7 +78,8 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
       f"ViT {config.model.variant}, {steps} steps")
   ckpts = workdir.Checkpoints(os.path.join(run_dir, "checkpoints"),
                               config.checkpoint.every_steps, config.checkpoint.keep)
-  loop.run(state, [loop.Stage("pretrain", steps, step,
-                              lambda s: pipeline.batch(train_set, sampler.positions(s), sharding),
-                              end=end)], ckpts, run_dir, config.log_every)
+  loop.run(state, [loop.Stage(
+      "pretrain", steps, step,
+      lambda s: pipeline.batch(train_set, sampler.positions(s), batch_sharding), end=end)],
+           ckpts, run_dir, config.log_every)
   return results

@@ -14,7 +14,7 @@ import matplotlib
 import ml_collections
 import numpy as np
 
-from kswap_jax import builders, loop, swap, train, workdir
+from kswap_jax import builders, loop, sharding, swap, train, workdir
 from kswap_jax import lora as lora_lib
 from kswap_jax.data import pipeline, sources
 from kswap_jax.errors import UserError
@@ -38,9 +38,13 @@ def _sets(config, labels: pipeline.LabelSpace):
   return out
 
 
-def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
-  workdir.check_config(run_dir, config)
-  plan = swap.plan(config.order)
+def prepare(config: ml_collections.ConfigDict, run_dir: str):
+  """(pretrained params, model config, label space, sets, number of learn classes).
+
+  The label space and model config already include the learn classes; the params' head does
+  not (`initial_state` grows it).
+  """
+  swap.plan(config.order)
   if config.head not in HEAD_MODES:
     raise UserError(f"head={config.head!r} is not allowed; use one of {sorted(HEAD_MODES)}")
   params, model_cfg, labels = builders.initial_model(config, run_dir)
@@ -49,29 +53,64 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
                         builders.split_of(config.data, learn, "train"))
   new_ids = sources.parse_classes(learn.classes, src.class_names, "sets.learn.classes")
   labels = labels.extend(learn.dataset, new_ids, src.class_names)
-  params = swap.grow_head(params, len(new_ids), jax.random.key(config.seed + 1))
   model_cfg.num_classes = len(labels)
   sets = _sets(config, labels)
   for a, b in (("retain", "forget"), ("retain", "learn"), ("forget", "learn")):
     both = set(sets[a][1].classes()) & set(sets[b][1].classes())
     if both:
       raise UserError(f"sets.{a} and sets.{b} share classes {sorted(both)}; make them disjoint")
+  return params, model_cfg, labels, sets, len(new_ids)
 
-  mesh = train.make_mesh(config.mesh.data)
-  net = builders.network(config, model_cfg)
+
+def initial_state(config: ml_collections.ConfigDict, params, num_new: int, net: train.Network,
+                  tx) -> train.State:
+  """The run's state: head grown by `num_new` outputs, LoRA, rng and hparams from `config`."""
+  params = swap.grow_head(params, num_new, jax.random.key(config.seed + 1))
   lcfg, tcfg = config.lora, config.train
   lora = lora_lib.init(jax.random.key(config.seed + 2), params, rank=lcfg.rank,
                        targets=lcfg.targets, a_init=lcfg.a_init)
-  tx = train.make_optimizer()
   hparams = {"lr": tcfg.lr, "weight_decay": tcfg.weight_decay,
              **{k: config.weights[k] for k in swap.HPARAMS}}
-  state = train.init_state(params, lora, HEAD_MODES[config.head], hparams, config.seed, tx,
-                           net.rng_impl)
-  state = jax.device_put(state, train.replicated(mesh))
+  return train.init_state(params, lora, HEAD_MODES[config.head], hparams, config.seed, tx,
+                          net.rng_impl)
+
+
+def stage_inputs(config: ml_collections.ConfigDict, sets: dict, batch_sharding):
+  """Per stage of the plan: (kind, num_steps, steps_per_epoch, batches(stage_step))."""
+  tcfg, out = config.train, []
+  for kind, main, paired in swap.plan(config.order):
+    main_set = (pipeline.concat(sets["retain"][0], sets["learn"][0], "retain+learn")
+                if main == "retain+learn" else sets[main][0])
+    main_sampler = pipeline.EpochSampler(len(main_set), tcfg.batch_size, config.seed)
+    samplers = {p: pipeline.EpochSampler(len(sets[p][0]), tcfg.batch_size, config.seed + 7)
+                for p in paired}
+
+    def batches(s, main_set=main_set, main_sampler=main_sampler, samplers=samplers):
+      out = {"retain": pipeline.batch(main_set, main_sampler.positions(s), batch_sharding)}
+      for p, smp in samplers.items():
+        out[p] = pipeline.batch(sets[p][0], smp.positions(s), batch_sharding)
+      return out
+
+    per_epoch = main_sampler.steps_per_epoch
+    out.append((kind, tcfg.epochs[kind] * per_epoch, per_epoch, batches))
+  return out
+
+
+def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
+  workdir.check_config(run_dir, config)
+  params, model_cfg, labels, sets, num_new = prepare(config, run_dir)
+  mesh = sharding.make_mesh(config.mesh)
+  net = builders.network(config, model_cfg)
+  tcfg = config.train
+  tx = train.make_optimizer()
+  state = initial_state(config, params, num_new, net, tx)
+  state = sharding.shard_state(state, mesh, config.mesh.get("rules", ()))
+  state_sharding = jax.tree.map(lambda x: x.sharding, state)
   n_train = lora_lib.count(state["trainable"])
+  params = train.full_params(state)
   say(f"swap ({config.order}): R {len(sets['retain'][0])} / F {len(sets['forget'][0])} / "
       f"L {len(sets['learn'][0])} train images; trainable {n_train:,} of "
-      f"{lora_lib.count(params) + lora_lib.count(lora):,} parameters "
+      f"{lora_lib.count(params) + lora_lib.count(state['trainable']['lora']):,} parameters "
       f"({100 * n_train / lora_lib.count(params):.2f}%)")
 
   counts = train.correct_counts(net, len(labels))
@@ -91,27 +130,13 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
 
   if not any(r["after"] == "pretrained" for r in results["evals"]):
     evaluate(state, "pretrained")
-  sharding = train.data_sharding(mesh)
   stages = []
-  for kind, main, paired in plan:
-    main_set = (pipeline.concat(sets["retain"][0], sets["learn"][0], "retain+learn")
-                if main == "retain+learn" else sets[main][0])
-    main_sampler = pipeline.EpochSampler(len(main_set), tcfg.batch_size, config.seed)
-    samplers = {p: pipeline.EpochSampler(len(sets[p][0]), tcfg.batch_size, config.seed + 7)
-                for p in paired}
-    steps = tcfg.epochs[kind] * main_sampler.steps_per_epoch
+  for kind, steps, per_epoch, batches in stage_inputs(config, sets, sharding.data_sharding(mesh)):
     schedule = functools.partial(train.lr_factor, total_steps=steps, end_ratio=tcfg.lr_end /
-                                 tcfg.lr, steps_per_epoch=main_sampler.steps_per_epoch)
-    step = train.compile_step(
+                                 tcfg.lr, steps_per_epoch=per_epoch)
+    step = sharding.compile_step(
         train.make_step(swap.stage_loss(net, kind, config.sparse_group), tx, schedule,
-                        net.rng_impl), mesh)
-
-    def batches(s, main_set=main_set, main_sampler=main_sampler, samplers=samplers):
-      out = {"retain": pipeline.batch(main_set, main_sampler.positions(s), sharding)}
-      for p, smp in samplers.items():
-        out[p] = pipeline.batch(sets[p][0], smp.positions(s), sharding)
-      return out
-
+                        net.rng_impl), mesh, state_sharding)
     stages.append(loop.Stage(kind, steps, step, batches,
                              end=functools.partial(evaluate, when=kind)))
 

@@ -1,0 +1,132 @@
+"""Hyperparameter studies: N runs of one method trained together as one vmapped program.
+
+Members differ only in values that keep every array shape and the compiled program the same
+(learning rate, weight decay, loss weights, bound, seed), so their trainable params, optimizer
+states, hparams and rng keys stack along a leading member axis while the frozen base params
+and the batches are shared (in memory once).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from kswap_jax import swap
+from kswap_jax.errors import UserError
+
+# Config paths a sweep may vary, per method (everything else is shared by all members).
+SWEEPABLE = {
+    "swap": ("seed", "train.lr", "train.weight_decay",
+             *(f"weights.{k}" for k in swap.HPARAMS)),
+}
+
+# vmap axes of the train state (a pytree prefix): member-stacked vs shared entries.
+STATE_AXES = {"params": None, "trainable": 0, "opt": 0, "hparams": 0, "rng": 0, "step": None,
+              "stage_step": None}
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """{"train": {"lr": v}} -> {"train.lr": v} (a ConfigDict or nested dicts)."""
+  if isinstance(tree, ml_collections.ConfigDict):
+    tree = tree.to_dict()
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(flatten(v, f"{prefix}{k}."))
+  return {k.rstrip("."): v for k, v in out.items()}
+
+
+def expand(grid, members) -> list[dict[str, Any]]:
+  """The explicit `members` (dicts of config path -> value), then the grid's product.
+
+  grid mirrors the config's nesting, each leaf a list of values:
+  {"train": {"lr": [1e-2, 3e-3]}, "weights": {"forget": [0.2, 1.0]}} -> 4 members.
+  """
+  out = [dict(m) for m in (members or ())]
+  flat = flatten(grid or {})
+  if flat:
+    keys = sorted(flat)
+    out += [dict(zip(keys, vals)) for vals in itertools.product(*(flat[k] for k in keys))]
+  if not out:
+    raise UserError("the sweep has no members; set grid and/or members")
+  return out
+
+
+def check_keys(assignments: list[dict], method: str) -> None:
+  """Refuses keys that would change shapes or the program (e.g. lora.rank, order)."""
+  if method not in SWEEPABLE:
+    raise UserError(f"method={method!r} cannot be swept yet; use one of {sorted(SWEEPABLE)}")
+  bad = sorted({k for a in assignments for k in a} - set(SWEEPABLE[method]))
+  if bad:
+    raise UserError(f"sweep keys {bad} change shapes or the compiled program, so members could "
+                    f"not train together; sweep only {list(SWEEPABLE[method])}, and run other "
+                    f"choices as separate jobs")
+
+
+def member_config(base: ml_collections.ConfigDict, assignment: dict[str, Any],
+                  ) -> ml_collections.ConfigDict:
+  """A copy of `base` with each "a.b" path of `assignment` set (types kept: 1 -> 1.0)."""
+  c = ml_collections.ConfigDict(base.to_dict())
+  for path, value in assignment.items():
+    *parents, leaf = path.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = type(node[leaf])(value)
+  return c
+
+
+def chunks(n: int, size: int) -> list[range]:
+  """Member index ranges of at most `size` (0: all in one)."""
+  size = size or n
+  return [range(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def stack(trees: list) -> Any:
+  """Per-member pytrees -> one pytree with a leading member axis (N, ...)."""
+  return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *trees)
+
+
+def stack_states(states: list[dict]) -> dict:
+  """Per-member train states -> one state: STATE_AXES 0 entries stacked, the rest from the first.
+
+  Members must share their frozen params (the caller's check).
+  """
+  return {k: stack([s[k] for s in states]) if STATE_AXES[k] == 0 else states[0][k]
+          for k in STATE_AXES}
+
+
+def member(tree: Any, i: int) -> Any:
+  """Member i of a stacked pytree."""
+  return jax.tree_util.tree_map(lambda x: x[i], tree)
+
+
+def vmap_step(step: Callable) -> Callable:
+  """One member's step -> (stacked state, batches) -> (stacked state, summary metrics).
+
+  Progress lines show the members' mean of each metric and their worst loss (`loss_max`).
+  """
+  vstep = jax.vmap(step, in_axes=(STATE_AXES, None), out_axes=(STATE_AXES, 0))
+
+  def stepped(state, batches):
+    state, metrics = vstep(state, batches)
+    return state, {**{k: v.mean() for k, v in metrics.items()}, "loss_max": metrics["loss"].max()}
+
+  return stepped
+
+
+def score(row: dict, prefix: str = "val_") -> float:
+  """Model selection score: Acc_R + Acc_L - Acc_F (%, on the validation split by default)."""
+  return row[f"{prefix}acc_r"] + row[f"{prefix}acc_l"] - row[f"{prefix}acc_f"]
+
+
+def pareto_front(acc_r: np.ndarray, acc_f: np.ndarray) -> np.ndarray:
+  """bool (N,): members no other member beats on both (higher Acc_R, lower Acc_F)."""
+  r, f = np.asarray(acc_r)[:, None], np.asarray(acc_f)[:, None]
+  dominated = (r.T >= r) & (f.T <= f) & ((r.T > r) | (f.T < f))
+  return ~dominated.any(1)

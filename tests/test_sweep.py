@@ -1,0 +1,92 @@
+"""Sweeps: each vmapped member equals its single run; chunking; refused keys; pure pieces."""
+import os
+
+import chex
+import numpy as np
+import pytest
+from ml_collections import config_flags
+
+from kswap_jax import lora as lora_lib
+from kswap_jax import sweep, train, workdir
+from kswap_jax.errors import UserError
+from kswap_jax.jobs import swap as swap_job
+from kswap_jax.jobs import sweep as sweep_job
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEMBERS = ({"train.lr": 1e-2, "weights.forget": 0.2},
+           {"train.lr": 3e-3, "weights.forget": 1.0})
+ACCS = ("acc_r", "acc_f", "acc_l")
+
+
+def _config(**overrides):
+  c = config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
+      "sweep_swap_digits.py", os.path.join(ROOT, "configs", "sweep_swap_digits.py")
+  ).get_config("runlocal,order=simultaneous")
+  c.base.init.pretrain.data.fraction = 0.15
+  for s in ("retain", "forget", "learn"):
+    c.base.sets[s].fraction = 0.2
+  c.grid = {}
+  c.members = MEMBERS
+  c.update(overrides)
+  return c
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+  d = tmp_path_factory.mktemp("sweep")
+  return d, sweep_job.run(_config(), str(d))
+
+
+def test_members_equal_single_runs(swept, tmp_path):
+  d, res = swept
+  assert [r["member"] for r in res["members"]] == [0, 1]
+  for f in ("sweep.json", "pareto.png", "best/model/model.json"):
+    assert os.path.exists(d / f)
+  pretrained, _ = workdir.load_model(str(d / "pretrain"))
+  base = _config().base
+  base.init.checkpoint = str(d / "pretrain")
+  scale = base.lora.alpha / base.lora.rank
+  for i, assignment in enumerate(MEMBERS):
+    single = swap_job.run(sweep.member_config(base, assignment), str(tmp_path / str(i)))
+    last = single["evals"][-1]
+    for k in ACCS:
+      assert res["members"][i][k] == pytest.approx(last[k], abs=1e-5), (i, k)
+    alone, _ = workdir.load_model(str(tmp_path / str(i)))
+    t = res["trainable"][i]
+    merged = lora_lib.merge(train.combine(pretrained, t["params"]), t["lora"], scale)
+    chex.assert_trees_all_close(merged, alone, atol=1e-5)
+  best, meta = workdir.load_model(str(d / "best"))
+  assert meta["sweep_member"]["member"] == res["best"]
+  assert res["best"] == int(np.argmax([sweep.score(r) for r in res["members"]]))
+  assert best["head"]["kernel"].shape[-1] == 10
+
+
+def test_chunks_equal_one_chunk(swept, tmp_path):
+  d, res = swept
+  c = _config(members_per_chunk=1)
+  c.base.init.checkpoint = str(d / "pretrain")
+  chunked = sweep_job.run(c, str(tmp_path))
+  assert os.path.exists(tmp_path / "chunk_1")
+  for a, b in zip(res["members"], chunked["members"]):
+    for k in ACCS + tuple(f"val_{k}" for k in ACCS):
+      assert a[k] == pytest.approx(b[k], abs=1e-5)
+  chex.assert_trees_all_close(res["trainable"], chunked["trainable"], atol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["lora.rank", "order", "train.batch_size"])
+def test_shape_changing_keys_are_refused(tmp_path, key):
+  with pytest.raises(UserError, match=rf"sweep keys \['{key}'\] change shapes"):
+    sweep_job.run(_config(members=({key: 4},)), str(tmp_path))
+
+
+def test_grid_expansion_and_pareto_front():
+  got = sweep.expand({"train": {"lr": [1, 2]}, "seed": [0, 1]}, [{"seed": 5}])
+  assert got[0] == {"seed": 5} and len(got) == 5
+  assert {"seed": 1, "train.lr": 2} in got
+  c = sweep.member_config(_config().base, {"train.lr": 1, "seed": 3})
+  assert c.train.lr == 1.0 and isinstance(c.train.lr, float) and c.seed == 3
+  assert [list(r) for r in sweep.chunks(5, 2)] == [[0, 1], [2, 3], [4]]
+  front = sweep.pareto_front(np.array([90, 80, 95, 70]), np.array([5, 1, 10, 3]))
+  assert front.tolist() == [True, True, True, False]
+  with pytest.raises(UserError, match="no members"):
+    sweep.expand({}, [])
