@@ -10,7 +10,6 @@ re-learns 0-4 from 10 images per class.
 Arguments: method (gc | none | grad_ascent | random_label), finetune (full | lora), seed,
 runlocal.
 """
-import importlib.util
 import os
 
 import ml_collections
@@ -66,7 +65,5 @@ def get_config(arg=None):
 def _pretrain(a):
   """configs/pretrain_digits.py on the source classes 0-4."""
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain_digits.py")
-  spec = importlib.util.spec_from_file_location("pretrain_digits", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(f"classes=0-4,seed={a.seed}" + (",runlocal" if a.runlocal else ""))
+  return config_lib.load(
+      path, f"classes=0-4,seed={a.seed}" + (",runlocal" if a.runlocal else ""))

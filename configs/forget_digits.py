@@ -9,7 +9,6 @@ grad_ascent_bounded), seed, group (block | layer | matrix), runlocal.
 Train / validation / test: train[:90%] / train[90%:] / test of sklearn_digits; the pretrained
 model never sees the validation images.
 """
-import importlib.util
 import os
 
 import ml_collections
@@ -53,9 +52,7 @@ def get_config(arg=None):
 def _pretrain(a):
   """configs/pretrain_digits.py on all ten digits, holding out the validation images."""
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain_digits.py")
-  spec = importlib.util.spec_from_file_location("pretrain_digits", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(f"classes=0-9,seed={a.seed}" + (",runlocal" if a.runlocal else ""))
+  c = config_lib.load(
+      path, f"classes=0-9,seed={a.seed}" + (",runlocal" if a.runlocal else ""))
   c.data.train_split = "train[:90%]"
   return c

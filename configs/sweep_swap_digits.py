@@ -9,7 +9,6 @@ Train / validation / test: train[:90%] / train[90%:] / test; the best member is 
 validation, and the pretrained model never sees the validation images.
 Sweepable keys: seed, train.lr, train.weight_decay, weights.* (kswap_jax.sweep.SWEEPABLE).
 """
-import importlib.util
 import os
 
 import ml_collections
@@ -34,10 +33,8 @@ def get_config(arg=None):
 def _base(a):
   """configs/swap_digits.py with a validation split held out of training and pretraining."""
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "swap_digits.py")
-  spec = importlib.util.spec_from_file_location("swap_digits", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(f"order={a.order},seed={a.seed}" + (",runlocal" if a.runlocal else ""))
+  c = config_lib.load(
+      path, f"order={a.order},seed={a.seed}" + (",runlocal" if a.runlocal else ""))
   c.data.update(train_split="train[:90%]", val_split="train[90%:]")
   c.init.pretrain.data.train_split = "train[:90%]"
   return c

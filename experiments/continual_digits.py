@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import os
 import shutil
@@ -23,7 +22,7 @@ import jax
 import matplotlib
 import numpy as np
 
-from kswap_jax import workdir
+from kswap_jax import config_lib, workdir
 from kswap_jax.jobs import forget, pretrain
 
 matplotlib.use("Agg")
@@ -38,10 +37,7 @@ METRICS = (("H", "H"), ("acc_r", "Acc_r"), ("acc_f", "Acc_f"), ("acc_o", "Acc_o"
 
 def load_config(arg: str):
   path = os.path.join(ROOT, "configs", "forget_digits.py")
-  spec = importlib.util.spec_from_file_location("forget_digits", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load(path, arg)
 
 
 def quiet(fn, *args):

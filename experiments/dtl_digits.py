@@ -15,7 +15,6 @@ Writes experiments/results/dtl_digits.{md,json,png}.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -25,7 +24,7 @@ import jax
 import matplotlib
 import numpy as np
 
-from kswap_jax import workdir
+from kswap_jax import config_lib, workdir
 from kswap_jax.jobs import dispose
 from kswap_jax.progress import say, table
 
@@ -41,11 +40,7 @@ ATTACKS = ("linear", "full")
 
 
 def _get_config(arg: str):
-  spec = importlib.util.spec_from_file_location(
-      "dispose_digits", os.path.join(ROOT, "configs", "dispose_digits.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load(os.path.join(ROOT, "configs", "dispose_digits.py"), arg)
 
 
 def run_seed(seed: int, root: str) -> dict:

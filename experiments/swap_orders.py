@@ -15,6 +15,7 @@ import tempfile
 import matplotlib
 import numpy as np
 
+from kswap_jax import config_lib
 from kswap_jax.jobs import swap as swap_job
 
 matplotlib.use("Agg")
@@ -25,12 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _config(order, seed, pretrained):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "swap_digits", os.path.join(HERE, "..", "configs", "swap_digits.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(f"order={order},seed={seed}")
+  c = config_lib.load(os.path.join(HERE, "..", "configs", "swap_digits.py"),
+                      f"order={order},seed={seed}")
   c.init.checkpoint = pretrained
   c.log_every = 10_000
   return c

@@ -5,6 +5,9 @@ A config file defines `get_config(arg)`; `arg` is the text after ':' in
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 from kswap_jax.errors import UserError
@@ -41,6 +44,17 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       out[key] = kind(value)
   return out
+
+
+def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file at `path` (a config built on another one)."""
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"kswap_config_{name}", path)
+  if spec is None or not os.path.exists(path):
+    raise UserError(f"config file {path!r} not found")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def digits_data(image_size: int = 8) -> ml_collections.ConfigDict:

@@ -1,6 +1,5 @@
 """Tests of Disposable Transfer Learning: the GC loss, the disposal loss and the dispose job."""
 
-import importlib.util
 import os
 
 from flax import traverse_util
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from kswap_jax import checkpoints, dtl, losses, train, workdir
+from kswap_jax import checkpoints, config_lib, dtl, losses, train, workdir
 from kswap_jax.errors import UserError
 from kswap_jax.jobs import dispose
 from kswap_jax.models import vit
@@ -21,10 +20,7 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _config(name, arg):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load(os.path.join(CONFIGS, f"{name}.py"), arg)
 
 
 def _random_tree(seed, k, dtype=jnp.float32):

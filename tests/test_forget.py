@@ -1,7 +1,6 @@
 """Tests of continual forgetting: kswap_jax.continual, kswap_jax.heads and the forget job."""
 
 import functools
-import importlib.util
 import os
 from unittest import mock
 
@@ -14,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from kswap_jax import checkpoints, continual, heads, losses, train, workdir
+from kswap_jax import checkpoints, config_lib, continual, heads, losses, train, workdir
 from kswap_jax import lora as lora_lib
 from kswap_jax.errors import UserError
 from kswap_jax.jobs import forget
@@ -25,10 +24,7 @@ K = 10
 
 
 def _config(name, arg):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load(os.path.join(CONFIGS, f"{name}.py"), arg)
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,7 +8,6 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from ml_collections import config_flags
 
 from kswap_jax import checkpoints, config_lib, swap, workdir
 from kswap_jax.data import pipeline
@@ -20,8 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(name, arg="runlocal"):
-  return config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
-      name, os.path.join(ROOT, "configs", name)).get_config(arg)
+  return config_lib.load(os.path.join(ROOT, "configs", name), arg)
 
 
 def _pretrain_config():
