@@ -18,6 +18,11 @@ def _source(name: str, split: str, data_dir: str, image_key: str, label_key: str
   return sources.open_source(name, split, data_dir, image_key, label_key)
 
 
+def source_cache_clear() -> None:
+  """Forgets the sources opened so far (they are read once per process)."""
+  _source.cache_clear()
+
+
 def source(data: ml_collections.ConfigDict, dataset: str, split: str) -> sources.Source:
   """The split of a dataset, read once per process (labels are scanned on first use)."""
   return _source(dataset, split, data.get("data_dir") or sources.default_data_dir(),
