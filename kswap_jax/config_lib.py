@@ -82,7 +82,8 @@ def lora(rank: int = 8, alpha: float = 1.0, a_init: str = "small") -> ml_collect
 
 def common(config: ml_collections.ConfigDict, runlocal: bool) -> ml_collections.ConfigDict:
   """Mesh, checkpointing and logging fields every job has."""
-  config.mesh = ml_collections.ConfigDict(dict(data=-1))
+  # data=-1: all devices data-parallel; fsdp > 1 shards params by `rules` (kswap_jax.sharding).
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, rules=()))
   config.checkpoint = ml_collections.ConfigDict(dict(every_steps=200 if not runlocal else 2,
                                                      keep=2))
   config.log_every = 50 if not runlocal else 1

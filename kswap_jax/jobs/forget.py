@@ -79,6 +79,9 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
     raise UserError(f"the model's classes come from several datasets "
                     f"{sorted({e[0] for e in labels.entries})}; forget needs one")
   tasks = tasks_from_config(config.tasks, labels)
+  if config.mesh.get("rules"):
+    raise UserError("the forget job keeps its state replicated (each task rebuilds it); remove "
+                    "mesh.rules, or shard over data only")
   mesh = sharding.make_mesh(config.mesh)
   hcfg, lcfg, tcfg, wcfg = config.head, config.lora, config.train, config.weights
   net = heads.HeadNetwork(builders.network(config, model_cfg), hcfg.kind, hcfg.scale,
