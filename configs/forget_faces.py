@@ -42,26 +42,8 @@ def get_config(arg=None):
                                            order_seed=continual.PROTOCOL_SEED))
   c.model = ml_collections.ConfigDict(dict(variant="F6/8", dropout=0.1, dtype="float32"))
   c.init = ml_collections.ConfigDict(dict(checkpoint=a.ckpt, pretrain=_pretrain(a, c)))
-  c.lora = config_lib.lora(rank=8, alpha=1.0, a_init="small")
-  c.lora.a_init_first = "kaiming"
-  c.head = ml_collections.ConfigDict(dict(kind="cosface", scale=64.0, margin=0.35,
-                                          margin_at_eval=a.margin_at_eval))
-  c.group = a.group
-  c.weights = ml_collections.ConfigDict(dict(
-      beta=[0.2, 0.25, 0.25, 0.2], bound=105.0, alpha=1e-4, proto_bound=18.0, w_f=0.05,
-      w_r=0.05))
-  c.train = ml_collections.ConfigDict(dict(
-      batch_size=48, epochs=100, warmup_epochs=20, lr=continual.get_method(a.method).lr,
-      lr_end=1e-5, weight_decay=0.05))
-  c.select_best = True
-  c.eval_every_epochs = 5
-  if a.runlocal:
-    c.data.update(image_size=32, eval_batch_size=16)
-    c.model.variant = "Nano/8"
-    c.sets.retain.per_class = 1
-    c.tasks.num_tasks = min(a.num_tasks, 2)
-    c.train.update(batch_size=4, epochs=1, warmup_epochs=0)
-    c.eval_every_epochs = 1
+  config_lib.gs_lora_paper(c, a, beta=[0.2, 0.25, 0.25, 0.2], head="cosface",
+                           margin_at_eval=a.margin_at_eval, runlocal_variant="Nano/8")
   return config_lib.common(c, a.runlocal)
 
 

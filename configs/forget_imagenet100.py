@@ -33,24 +33,5 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict(dict(variant="B/16", dropout=0.0, dtype="float32"))
   c.init = ml_collections.ConfigDict(dict(checkpoint=a.ckpt, dataset="imagenet2012",
                                           classes=a.classes))
-  c.lora = config_lib.lora(rank=8, alpha=1.0, a_init="small")
-  c.lora.a_init_first = "kaiming"
-  c.head = ml_collections.ConfigDict(dict(kind="linear", scale=64.0, margin=0.35,
-                                          margin_at_eval=False))
-  c.group = a.group
-  c.weights = ml_collections.ConfigDict(dict(
-      beta=[0.2, 0.25, 0.25, 0.25], bound=105.0, alpha=1e-4, proto_bound=18.0, w_f=0.05,
-      w_r=0.05))
-  c.train = ml_collections.ConfigDict(dict(
-      batch_size=48, epochs=100, warmup_epochs=20, lr=continual.get_method(a.method).lr,
-      lr_end=1e-5, weight_decay=0.05))
-  c.select_best = True
-  c.eval_every_epochs = 5
-  if a.runlocal:
-    c.data.update(image_size=32, eval_batch_size=16)
-    c.model.variant = "Nano/16"
-    c.sets.retain.per_class = 1
-    c.tasks.num_tasks = min(a.num_tasks, 2)
-    c.train.update(batch_size=4, epochs=1, warmup_epochs=0)
-    c.eval_every_epochs = 1
+  config_lib.gs_lora_paper(c, a, beta=[0.2, 0.25, 0.25, 0.25])
   return config_lib.common(c, a.runlocal)

@@ -80,6 +80,34 @@ def lora(rank: int = 8, alpha: float = 1.0, a_init: str = "small") -> ml_collect
       targets=r"Transformer/encoderblock_\d+/MlpBlock_0/Dense_[01]"))
 
 
+def gs_lora_paper(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict, beta: list[float],
+                  head: str = "linear", margin_at_eval: bool = False,
+                  runlocal_variant: str = "Nano/16") -> None:
+  """The GS-LoRA papers' continual-forgetting settings (LoRA, head, weights, 100 epochs per
+  task, validation every 5), shrunk for runlocal. `a` holds method, group, num_tasks, runlocal.
+  """
+  from kswap_jax import continual  # pylint: disable=g-import-not-at-top
+  c.lora = lora(rank=8, alpha=1.0, a_init="small")
+  c.lora.a_init_first = "kaiming"
+  c.head = ml_collections.ConfigDict(dict(kind=head, scale=64.0, margin=0.35,
+                                          margin_at_eval=margin_at_eval))
+  c.group = a.group
+  c.weights = ml_collections.ConfigDict(dict(
+      beta=beta, bound=105.0, alpha=1e-4, proto_bound=18.0, w_f=0.05, w_r=0.05))
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=48, epochs=100, warmup_epochs=20, lr=continual.get_method(a.method).lr,
+      lr_end=1e-5, weight_decay=0.05))
+  c.select_best = True
+  c.eval_every_epochs = 5
+  if a.runlocal:
+    c.data.update(image_size=32, eval_batch_size=16)
+    c.model.variant = runlocal_variant
+    c.sets.retain.per_class = 1
+    c.tasks.num_tasks = min(a.num_tasks, 2)
+    c.train.update(batch_size=4, epochs=1, warmup_epochs=0)
+    c.eval_every_epochs = 1
+
+
 def common(config: ml_collections.ConfigDict, runlocal: bool) -> ml_collections.ConfigDict:
   """Mesh, checkpointing and logging fields every job has."""
   # data=-1: all devices data-parallel; fsdp > 1 shards params by `rules` (kswap_jax.sharding).

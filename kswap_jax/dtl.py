@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from kswap_jax import losses, sharding, swap, train
+from kswap_jax import losses, metrics, sharding, swap, train
 from kswap_jax.data import pipeline
 from kswap_jax.errors import UserError
 
@@ -111,11 +111,11 @@ def disposal_loss(net: train.Network, source_head, method: str, *, num_splits: i
     tgt = batches["target"]
     logits = net.apply(params, lora, tgt["images"], train=True, rng=rng)
     ce_t = losses.cross_entropy(logits, tgt["labels"])
-    metrics = {"ce_target": ce_t,
+    aux = {"ce_target": ce_t,
                "acc_target": jnp.mean(jnp.argmax(logits, -1) == tgt["labels"])}
     total = hp["target"] * ce_t
     if method == "none":
-      return total, metrics
+      return total, aux
     src = batches["source"]
     if method == "gc":
       rest, measured = train.partition(trainable, gc_params)
@@ -126,7 +126,7 @@ def disposal_loss(net: train.Network, source_head, method: str, *, num_splits: i
         return losses.cross_entropy(head_logits(emb, source_head), b["labels"])
 
       gc, ce_s = collision(ce_fn, measured, split(src, num_splits), similarity)
-      return total + hp["gc"] * gc, {**metrics, "gc": gc, "ce_source": ce_s}
+      return total + hp["gc"] * gc, {**aux, "gc": gc, "ce_source": ce_s}
     _, emb = net.apply(params, lora, src["images"], train=True,
                        rng=jax.random.fold_in(rng, 1), return_embedding=True)
     src_logits = head_logits(emb, source_head)
@@ -137,7 +137,7 @@ def disposal_loss(net: train.Network, source_head, method: str, *, num_splits: i
       n = src_logits.shape[-1]
       shift = jax.random.randint(jax.random.fold_in(rng, 2), src["labels"].shape, 1, n)
       term = hp["random_label"] * losses.cross_entropy(src_logits, (src["labels"] + shift) % n)
-    return total + term, {**metrics, "ce_source": ce_s}
+    return total + term, {**aux, "ce_source": ce_s}
 
   return loss_fn
 
@@ -184,7 +184,7 @@ def pl_attacker(net: train.Network, train_set: pipeline.ExampleSet,
       state, _ = step(state, pipeline.batch(train_set, sampler.positions(s), batch_sharding))
     correct, count = train.evaluate(counts, train.full_params(state), None, test_set,
                                     eval_batch_size, mesh)
-    return float(100.0 * correct.sum() / count.sum())
+    return metrics.set_accuracy(correct, count)
 
   return attack
 

@@ -1,20 +1,15 @@
-"""Evaluation metrics: top-1 accuracy per class and per set, and GS-LoRA's H-Mean."""
+"""Evaluation metrics: top-1 accuracy of a set of classes, and GS-LoRA's H-Mean."""
 from __future__ import annotations
 
 import numpy as np
 
 
-def per_class_correct(predictions: np.ndarray, labels: np.ndarray,
-                      num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-  """(correct (K,), count (K,)) from predicted and true labels (N,)."""
-  correct = np.bincount(labels[predictions == labels], minlength=num_classes)
-  count = np.bincount(labels, minlength=num_classes)
-  return correct[:num_classes], count[:num_classes]
+def set_accuracy(correct: np.ndarray, count: np.ndarray, classes=None) -> float:
+  """Top-1 accuracy in percent over the examples of `classes` (default: all; NaN if none).
 
-
-def set_accuracy(correct: np.ndarray, count: np.ndarray, classes) -> float:
-  """Top-1 accuracy in percent over the examples of `classes` (NaN if they have none)."""
-  classes = np.asarray(list(classes), int)
+  correct, count: (K,) per-class hits and examples, as `train.evaluate` returns them.
+  """
+  classes = np.arange(len(count)) if classes is None else np.asarray(list(classes), int)
   n = count[classes].sum() if classes.size else 0
   return float(100.0 * correct[classes].sum() / n) if n else float("nan")
 

@@ -125,10 +125,10 @@ def test_group_sparse_groups_values_and_gradients():
 
 
 def test_metrics():
-  correct, count = metrics.per_class_correct(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]), 3)
-  np.testing.assert_array_equal(correct, [1, 1, 1])
-  np.testing.assert_array_equal(count, [1, 1, 2])
+  correct, count = np.array([1, 1, 1, 0]), np.array([1, 1, 2, 0])
   assert metrics.set_accuracy(correct, count, [1, 2]) == pytest.approx(200 / 3)
+  assert metrics.set_accuracy(correct, count) == pytest.approx(75.0)
+  assert np.isnan(metrics.set_accuracy(correct, count, [3]))
   assert metrics.h_mean(80.0, 90.0, 10.0) == pytest.approx(2 * 80 * 80 / 160)
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from kswap_jax import builders, dtl, loop, sharding, train, workdir
+from kswap_jax import builders, dtl, loop, metrics, sharding, train, workdir
 from kswap_jax import lora as lora_lib
 from kswap_jax.data import pipeline
 from kswap_jax.errors import UserError
@@ -168,7 +168,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
 
 
 def _acc(correct, count) -> float:
-  return float(100.0 * correct.sum() / max(1, count.sum()))
+  return metrics.set_accuracy(correct, count)
 
 
 def _pl_attacks(config, model_cfg, mesh, pl_sets, models: dict) -> dict:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from kswap_jax import builders, checkpoints, loop, losses, sharding, train, workdir
+from kswap_jax import builders, checkpoints, loop, losses, metrics, sharding, train, workdir
 from kswap_jax.data import pipeline
 from kswap_jax.models import vit
 from kswap_jax.progress import say, table
@@ -63,9 +63,9 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   def end(state):
     params = train.full_params(state)
     correct, count = train.evaluate(counts, params, None, test_set, data.eval_batch_size, mesh)
-    per_class = {labels.entries[k][2]: 100.0 * correct[k] / max(1, count[k])
+    per_class = {labels.entries[k][2]: metrics.set_accuracy(correct, count, [k])
                  for k in range(len(labels))}
-    results.update(test_accuracy=100.0 * correct.sum() / count.sum(), per_class=per_class,
+    results.update(test_accuracy=metrics.set_accuracy(correct, count), per_class=per_class,
                    steps=int(state["step"]), train_examples=len(train_set),
                    test_examples=len(test_set))
     workdir.write_json(os.path.join(run_dir, "results.json"), results)

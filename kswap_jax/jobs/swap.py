@@ -14,7 +14,7 @@ import matplotlib
 import ml_collections
 import numpy as np
 
-from kswap_jax import builders, loop, sharding, swap, train, workdir
+from kswap_jax import builders, loop, metrics, sharding, swap, train, workdir
 from kswap_jax import lora as lora_lib
 from kswap_jax.data import pipeline, sources
 from kswap_jax.errors import UserError
@@ -122,7 +122,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
     for name, (_, test) in sets.items():
       correct, count = train.evaluate(counts, params, lora, test, config.data.eval_batch_size,
                                       mesh)
-      row[f"acc_{name[0]}"] = float(100 * correct.sum() / count.sum())
+      row[f"acc_{name[0]}"] = metrics.set_accuracy(correct, count)
     results["evals"] = [r for r in results["evals"] if r["after"] != when] + [row]
     results.setdefault("blocks", {})[when] = swap.block_analysis(lora, net.lora_scale)
     workdir.write_json(os.path.join(run_dir, "results.json"), results)
