@@ -26,8 +26,10 @@ def get_config(arg=None):
       train=dict(lr=(3e-3, 1e-2)),
       weights=dict(forget=(0.1, 0.2, 0.5, 1.0), bound=(10.0, 15.0))))
   c.members = ()              # explicit members, e.g. ({"train.lr": 0.02, "seed": 1},)
-  c.members_per_chunk = 0     # 0: all members in one program
-  return config_lib.common(c, a.runlocal)
+  c.members_per_chunk = 0     # 0: all members in one program; -1: as many as fit memory
+  c = config_lib.common(c, a.runlocal)
+  c.mesh.sweep = 1            # devices the members are split over (the rest split the batch)
+  return c
 
 
 def _base(a):

@@ -136,15 +136,28 @@ def shard_state(state: dict, mesh: jax.sharding.Mesh, rules: Rules = ()) -> dict
   return jax.device_put(state, state_shardings(state, mesh, rules), may_alias=False)
 
 
-def compile_step(step_fn: Callable, mesh: jax.sharding.Mesh, state_sharding=None) -> Callable:
+def member_shardings(state: dict, mesh: jax.sharding.Mesh, member_axes: dict) -> dict:
+  """Placement of a sweep's stacked state: member-stacked entries (`member_axes` 0) split
+  their leading member axis over the mesh axis "sweep"; shared entries are replicated."""
+  members = NamedSharding(mesh, PartitionSpec("sweep" if "sweep" in mesh.shape else None))
+  return {k: jax.tree_util.tree_map(
+      lambda _, k=k: members if member_axes[k] == 0 else replicated(mesh), v)
+          for k, v in state.items()}
+
+
+def compile_step(step_fn: Callable, mesh: jax.sharding.Mesh, state_sharding=None,
+                 gather: bool = True) -> Callable:
   """jit of `(state, batches) -> (state, metrics)` that donates the state.
 
   state_sharding: the new state's placement, e.g. `state_shardings(...)` (default
-  replicated); metrics are replicated. Sharded params are stored sharded but gathered whole
-  at the start of the step (FSDP), so no device computes another's share of a layer.
+  replicated); metrics are replicated. gather: sharded params are stored sharded but gathered
+  whole at the start of the step (FSDP), so no device computes another's share of a layer;
+  False for a state split by member (`member_shardings`), whose members stay apart.
   """
   if state_sharding is None:
     return jax.jit(step_fn, donate_argnums=0, out_shardings=(replicated(mesh),) * 2)
+  if not gather:
+    return jax.jit(step_fn, donate_argnums=0, out_shardings=(state_sharding, replicated(mesh)))
 
   def gathered(state, batches):
     use = jax.lax.with_sharding_constraint(

@@ -8,6 +8,7 @@ and the batches are shared (in memory once).
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any, Callable
 
 import jax
@@ -85,6 +86,39 @@ def chunks(n: int, size: int) -> list[range]:
   """Member index ranges of at most `size` (0: all in one)."""
   size = size or n
   return [range(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def compiled_bytes(compiled) -> int:
+  """Device bytes a compiled step needs: arguments + outputs + temporaries - donated aliases."""
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+def device_memory_bytes(device: jax.Device) -> int:
+  """Memory one device may use: its allocator limit, or (CPU) physical RAM / local devices."""
+  limit = (device.memory_stats() or {}).get("bytes_limit")
+  if limit:
+    return int(limit)
+  ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return ram // jax.local_device_count()
+
+
+def fit_members(one: int, two: int, n: int, budget: int, devices: int = 1) -> int:
+  """Largest chunk of the n members whose step fits `budget` bytes per device.
+
+  one, two: bytes of the step compiled for 1 and 2 members (one member adds `two - one`; the
+  shared base weights and batches take the rest); devices: how many devices a chunk's members
+  are split over (mesh axis "sweep"), so the chunk is a multiple of it.
+  """
+  member = max(1, two - one)
+  shared = max(0, one - member)
+  fit = min(n, (budget - shared) // member * devices) // devices * devices
+  if fit < devices:
+    raise UserError(f"a member needs about {(shared + member) / 2**30:.2f} GiB per device, "
+                    f"more than the {budget / 2**30:.2f} GiB budget; use a smaller model or "
+                    f"batch, or set members_per_chunk")
+  return fit
 
 
 def stack(trees: list) -> Any:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from kswap_jax import lora as lora_lib
-from kswap_jax import losses, sharding, swap, train, workdir
+from kswap_jax import continual, heads, losses, sharding, swap, train, workdir
 from kswap_jax.data import pipeline, sources
 from kswap_jax.errors import UserError
 from kswap_jax.models import vit
@@ -27,6 +27,9 @@ MLP_RULES = (("Transformer/.*/MlpBlock_0/Dense_0/kernel", (None, "fsdp")),
 SWAP_RULES = MLP_RULES + (("lora/.*/Dense_0/B", (None, "fsdp")),)
 MESHES = {"dp": {"data": -1}, "fsdp": {"data": 2, "fsdp": -1}}
 ATOL = 1e-5
+# Params after 3 full-model Adam steps: attention key biases have an exactly zero gradient
+# (softmax ignores a per-row shift), so Adam scales reduction-order noise up to ~1e-5 steps.
+PARAMS_ATOL = 5e-5
 
 
 def _net() -> train.Network:
@@ -67,7 +70,23 @@ def _swap(net):
                                     for i, n in enumerate(("retain", "learn", "forget"))}
 
 
-SETUPS = {"pretrain": (_pretrain, MLP_RULES), "swap": (_swap, SWAP_RULES)}
+def _forget(net):
+  """(state, step_fn, batches(s)) of a GS-LoRA task: CosFace head, group-sparse LoRA."""
+  params = vit.init_params(net.model, jax.random.key(0), (8, 8, 1))
+  lora = lora_lib.init(jax.random.key(1), params, rank=2)
+  tx = train.make_optimizer()
+  hp = {"lr": 1e-2, "weight_decay": 1e-4, "beta": 0.5, "bound": 50.0, "alpha": 1e-2,
+        "proto_bound": 0.0, "w_f": 0.0, "w_r": 0.0}
+  state = train.init_state(params, lora, "", hp, 0, tx)
+  loss = continual.make_loss(continual.get_method("gs_lora"), heads.HeadNetwork(net, "cosface"),
+                             "block", 0)
+  step_fn = train.make_step(loss, tx, lambda s: 1.0)
+  return state, step_fn, lambda s: {"retain": _digits(10 * s, 8), "forget": _digits(10 * s + 1, 8),
+                                    "ctx": {"stage_step": np.int32(s)}}
+
+
+SETUPS = {"pretrain": (_pretrain, MLP_RULES), "swap": (_swap, SWAP_RULES),
+          "forget": (_forget, SWAP_RULES)}
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
@@ -83,7 +102,8 @@ def _train(kind: str, mesh_axes, rules, steps: int = 2):
   mesh = sharding.make_mesh(mesh_axes)
   state = sharding.shard_state(state, mesh, rules)
   step = sharding.compile_step(step_fn, mesh, jax.tree.map(lambda x: x.sharding, state))
-  put = lambda tree: jax.device_put(tree, sharding.data_sharding(mesh))
+  put = lambda tree: jax.tree.map(lambda x: jax.device_put(
+      x, sharding.data_sharding(mesh) if np.ndim(x) else sharding.replicated(mesh)), tree)
   out = []
   for s in range(steps):
     state, metrics = step(state, put(batches(s)))
@@ -239,7 +259,7 @@ def test_opt_state_follows_param_rules():
   assert specs["opt/inner_state/0/count"] == specs["rng"] == jax.P()
 
 
-@pytest.mark.parametrize("kind", ["pretrain", "swap"])
+@pytest.mark.parametrize("kind", ["pretrain", "swap", "forget"])
 def test_step_matches_one_device(kind, tmp_path):
   proc = _spawn("steps", tmp_path, kind)
   state, loss = _train(kind, {"data": -1}, ())
@@ -275,7 +295,7 @@ def test_two_processes_match_one(tmp_path):
   for r in runs:
     np.testing.assert_allclose(r["loss"], loss, atol=ATOL)
     trained = {k[len("trained/"):]: v for k, v in r.items() if k.startswith("trained/")}
-    chex.assert_trees_all_close(trained, _flat(state), atol=ATOL)
+    chex.assert_trees_all_close(trained, _flat(state), atol=PARAMS_ATOL)
     chex.assert_trees_all_close({k[len("restored/"):]: v for k, v in r.items()
                                  if k.startswith("restored/")}, trained, atol=0)
   chex.assert_trees_all_close(_flat(restored), _flat(state), atol=0)

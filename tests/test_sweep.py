@@ -1,13 +1,17 @@
 """Sweeps: each vmapped member equals its single run; chunking; refused keys; pure pieces."""
+import json
 import os
+import subprocess
+import sys
 
 import chex
+import jax
 import numpy as np
 import pytest
 from ml_collections import config_flags
 
 from kswap_jax import lora as lora_lib
-from kswap_jax import sweep, train, workdir
+from kswap_jax import sharding, sweep, train, workdir
 from kswap_jax.errors import UserError
 from kswap_jax.jobs import swap as swap_job
 from kswap_jax.jobs import sweep as sweep_job
@@ -73,6 +77,38 @@ def test_chunks_equal_one_chunk(swept, tmp_path):
   chex.assert_trees_all_close(res["trainable"], chunked["trainable"], atol=1e-5)
 
 
+def test_members_split_over_devices_match_one_device(swept, tmp_path):
+  """8 fake devices, mesh sweep=2 x data=4, chunk size from the memory estimate."""
+  d, res = swept
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, __file__, str(d / "pretrain"), str(tmp_path)], env=env,
+                        capture_output=True, text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "members in chunks of 2, 2 member group(s) side by side" in proc.stdout
+  assert "memory: " in proc.stdout
+  with open(tmp_path / "rows.json") as f:
+    rows = json.load(f)
+  for a, b in zip(res["members"], rows):
+    for k in ACCS + tuple(f"val_{k}" for k in ACCS):
+      assert a[k] == pytest.approx(b[k], abs=1e-5)
+  with np.load(tmp_path / "trainable.npz") as f:
+    got = dict(f)
+  want = {f"{i}/{sharding.path_str(p)}": np.asarray(x) for i, t in enumerate(res["trainable"])
+          for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}
+  chex.assert_trees_all_close(got, want, atol=1e-5)
+
+
+def test_fit_members_from_memory_estimates():
+  # one member: 100 bytes, each further member 30, shared 70
+  assert sweep.fit_members(100, 130, n=10, budget=200) == 4
+  assert sweep.fit_members(100, 130, n=10, budget=200, devices=2) == 8
+  assert sweep.fit_members(100, 130, n=3, budget=10**9) == 3
+  assert sweep.fit_members(100, 130, n=5, budget=10**9, devices=2) == 4
+  with pytest.raises(UserError, match="more than the .* budget"):
+    sweep.fit_members(100, 130, n=10, budget=90)
+
+
 @pytest.mark.parametrize("key", ["lora.rank", "order", "train.batch_size"])
 def test_shape_changing_keys_are_refused(tmp_path, key):
   with pytest.raises(UserError, match=rf"sweep keys \['{key}'\] change shapes"):
@@ -90,3 +126,20 @@ def test_grid_expansion_and_pareto_front():
   assert front.tolist() == [True, True, True, False]
   with pytest.raises(UserError, match="no members"):
     sweep.expand({}, [])
+
+
+def _run_on_fake_devices(pretrain: str, out: str) -> None:
+  """`python tests/test_sweep.py PRETRAIN OUT`: the swept fixture's sweep on 8 fake devices."""
+  c = _config(members_per_chunk=-1)
+  c.base.init.checkpoint = pretrain
+  c.mesh.update(sweep=2, data=4)
+  res = sweep_job.run(c, os.path.join(out, "run"))
+  with open(os.path.join(out, "rows.json"), "w") as f:
+    json.dump(res["members"], f)
+  np.savez(os.path.join(out, "trainable.npz"), **{
+      f"{i}/{sharding.path_str(p)}": np.asarray(x) for i, t in enumerate(res["trainable"])
+      for p, x in jax.tree_util.tree_flatten_with_path(t)[0]})
+
+
+if __name__ == "__main__":
+  _run_on_fake_devices(*sys.argv[1:])

@@ -79,9 +79,6 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
     raise UserError(f"the model's classes come from several datasets "
                     f"{sorted({e[0] for e in labels.entries})}; forget needs one")
   tasks = tasks_from_config(config.tasks, labels)
-  if config.mesh.get("rules"):
-    raise UserError("the forget job keeps its state replicated (each task rebuilds it); remove "
-                    "mesh.rules, or shard over data only")
   mesh = sharding.make_mesh(config.mesh)
   hcfg, lcfg, tcfg, wcfg = config.head, config.lora, config.train, config.weights
   net = heads.HeadNetwork(builders.network(config, model_cfg), hcfg.kind, hcfg.scale,
@@ -132,7 +129,8 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
     dim = jax.eval_shape(lambda p: net.apply(p, None, dummy, return_embedding=True)[1],
                          params).shape[-1]
     state["protos"] = jnp.zeros((k, dim), jnp.float32)
-  state = jax.device_put(state, sharding.replicated(mesh))
+  state_sharding = sharding.state_shardings(state, mesh, config.mesh.get("rules", ()))
+  state = jax.device_put(state, state_sharding)
   model_size = lora_lib.count(params)
 
   path = os.path.join(run_dir, "results.json")
@@ -170,7 +168,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
         {"beta": continual.task_value(wcfg.beta, t, "weights.beta")})
     if method.prototypes:
       state["protos"] = protos(params, train_sets)
-    return jax.device_put(state, sharding.replicated(mesh))
+    return jax.device_put(state, state_sharding)
 
   def end(state, t, task):
     params = continual.merged_model(state, net.lora_scale)
@@ -195,7 +193,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
     if config.select_best and ((s + 1) % eval_steps == 0 or s + 1 == total):
       a = _accs(*measure(train.full_params(state), state["trainable"]["lora"], val_set), task)
       h = h_mean(a["acc_r"], row(t)["val_acc_f_before"], a["acc_f"])
-      state = jax.device_put(continual.keep_best(state, h), sharding.replicated(mesh))
+      state = jax.device_put(continual.keep_best(state, h), state_sharding)
     return state, metrics
 
   stages = []
@@ -225,7 +223,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
                  "forget": pipeline.batch(forget, fs.positions(s), batch_sharding)}
 
     step = functools.partial(select, t=t, task=task,
-                             step_fn=sharding.compile_step(with_ctx, mesh),
+                             step_fn=sharding.compile_step(with_ctx, mesh, state_sharding),
                              eval_steps=config.eval_every_epochs * spe, total=steps)
     stages.append(loop.Stage(
         f"task {t}", steps, step, batches,

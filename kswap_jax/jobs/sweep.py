@@ -3,7 +3,10 @@
 Members are the base config with the values of `members` / `grid` set (see kswap_jax.sweep).
 They share the pretrained model, the data and its order (from `base.seed`); `seed` changes
 only the new head columns, the LoRA init and the dropout rng. Members train in chunks of
-`members_per_chunk` (0: all at once), each chunk resumable from workdir/chunk_<i>/.
+`members_per_chunk` (0: all at once; -1: as many as fit 75% of a device's memory, estimated
+from XLA's memory analysis), each chunk resumable from workdir/chunk_<i>/. A chunk's members
+are split over the mesh axis `sweep` (`mesh.sweep` devices, each also splitting the batch
+over `mesh.data`).
 
 Writes workdir/sweep.json (one row per member: its values, top-1 on the R, F and L test and
 validation sets after the last stage, and the selection score Acc_R + Acc_L - Acc_F on
@@ -42,7 +45,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   sweep.check_keys(assignments, config.method)
   base = config.base
   if config.mesh.get("rules"):
-    raise UserError("a sweep replicates its stacked state; remove mesh.rules")
+    raise UserError("a sweep places its stacked state by member (mesh.sweep); remove mesh.rules")
   configs = [sweep.member_config(base, a) for a in assignments]
   if base.head == "frozen" and len({c.seed for c in configs}) > 1:
     raise UserError("seed changes the new head columns, which head='frozen' shares between "
@@ -54,23 +57,37 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
                                  f"sets.{n}", subset=False) for n in SETS}
   pools = {"": {n: sets[n][1] for n in SETS}, "val_": val}  # test, validation
   mesh = sharding.make_mesh(config.mesh)
+  devices = mesh.shape.get("sweep", 1)
   net = builders.network(base, model_cfg)
   tx = train.make_optimizer()
-  stages = []
-  for kind, steps, per_epoch, batches in swap_job.stage_inputs(
+
+  def initial_state(i):
+    s = swap_job.initial_state(configs[i], params, num_new, net, tx)
+    s["hparams"]["end_ratio"] = np.float32(configs[i].train.lr_end / configs[i].train.lr)
+    return s
+
+  state_sharding = sharding.member_shardings(initial_state(0), mesh, sweep.STATE_AXES)
+  steps, stages = [], []
+  for kind, num_steps, per_epoch, batches in swap_job.stage_inputs(
       base, sets, sharding.data_sharding(mesh)):
-    step = sweep.vmap_step(_member_step(net, base, kind, tx, steps, per_epoch))
-    stages.append(loop.Stage(kind, steps, sharding.compile_step(step, mesh), batches))
+    steps.append(sweep.vmap_step(_member_step(net, base, kind, tx, num_steps, per_epoch)))
+    stages.append(loop.Stage(kind, num_steps, sharding.compile_step(
+        steps[-1], mesh, state_sharding, gather=False), batches))
   count_fn = _member_counts(net, len(labels))
+  size = config.members_per_chunk
+  if size < 0:
+    size = _fitting_chunk(steps, [st.batches(0) for st in stages], initial_state, len(configs),
+                          devices)
+  if (size or len(configs)) % devices:
+    raise UserError(f"chunks of {size or len(configs)} members cannot split over mesh.sweep="
+                    f"{devices} devices; make members_per_chunk (or the member count) a "
+                    f"multiple of {devices}")
   say(f"sweep ({config.method}, {base.order}): {len(configs)} members in chunks of "
-      f"{config.members_per_chunk or len(configs)}")
+      f"{size or len(configs)}, {devices} member group(s) side by side")
 
   rows, trainable = [], []
-  for c, idx in enumerate(sweep.chunks(len(configs), config.members_per_chunk)):
-    states = [swap_job.initial_state(configs[i], params, num_new, net, tx) for i in idx]
-    for s, i in zip(states, idx):
-      s["hparams"]["end_ratio"] = np.float32(configs[i].train.lr_end / configs[i].train.lr)
-    state = jax.device_put(sweep.stack_states(states), sharding.replicated(mesh))
+  for c, idx in enumerate(sweep.chunks(len(configs), size)):
+    state = jax.device_put(sweep.stack_states([initial_state(i) for i in idx]), state_sharding)
     chunk_dir = os.path.join(run_dir, f"chunk_{c}")
     ckpts = workdir.Checkpoints(os.path.join(chunk_dir, "checkpoints"),
                                 config.checkpoint.every_steps, config.checkpoint.keep)
@@ -97,6 +114,21 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   if workdir.is_main():
     _pareto_plot(rows, best, os.path.join(run_dir, "pareto.png"))
   return {**results, "trainable": trainable}
+
+
+def _fitting_chunk(steps, batches, initial_state, n: int, devices: int) -> int:
+  """Members per chunk that fit device memory, from XLA's memory analysis of each stage's
+  step compiled for 1 and 2 members (75% of the device's memory is the budget)."""
+  need = []
+  for m in (1, 2):
+    state = sweep.stack_states([initial_state(i % n) for i in range(m)])
+    need.append(max(sweep.compiled_bytes(jax.jit(step, donate_argnums=0).lower(
+        state, b).compile()) for step, b in zip(steps, batches)))
+  budget = int(0.75 * sweep.device_memory_bytes(jax.devices()[0]))
+  size = sweep.fit_members(*need, n, budget, devices)
+  say(f"memory: {need[0] / 2**20:.0f} MiB for one member, +{(need[1] - need[0]) / 2**20:.0f} "
+      f"MiB per further member, budget {budget / 2**30:.1f} GiB per device -> chunks of {size}")
+  return size
 
 
 def _member_step(net: train.Network, base: ml_collections.ConfigDict, kind: str, tx,

@@ -1,0 +1,159 @@
+"""Speed of one unlearning update against the machine's matmul peak (model FLOP utilisation).
+
+Workloads (one update = a retain batch and a forget batch through the model in training mode,
+loss `CE(R) + 0.2 * relu(105 - CE(F)) + 1e-4 * S`, AdamW on a rank-8 LoRA on both MLP layers):
+  face     GS-LoRA face setting: ViT F6/8 (6 blocks, width 512, 8 heads, MLP 2048) at 112 px,
+           RGB, 100 classes, CosFace head, dropout 0.1, batch 8 + 8;
+  vit_b16  ViT-B/16 at 224 px, RGB, 100 classes, linear head, dropout 0.1, batch 2 + 2;
+  digits   the digits default: Mu/2 at 8 px, grey, 10 classes, dropout 0.1, batch 32 + 32.
+
+For each: XLA compile time, median step time over --repeats donated-state calls after
+--warmup, the step's FLOPs from XLA's `cost_analysis()`, achieved GFLOP/s, and MFU = achieved
+GFLOP/s / the float32 matmul peak measured in the same process (a jitted N x N matmul), plus
+the compiled step's temp and argument bytes (and the device's peak bytes where it reports
+them). Random weights and images: the cost does not depend on their values.
+
+  python benchmarks/step_speed.py [--workloads face,vit_b16,digits]
+      [--rng_impls threefry2x32,rbg] [--dtypes float32,bfloat16] [--out FILE]
+
+Writes benchmarks/results/step_speed_<backend>.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from kswap_jax import continual, heads, lora as lora_lib, sharding, train, workdir
+from kswap_jax.models import vit
+from kswap_jax.progress import table
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# name: (variant, image size, channels, classes, head, batch per side)
+WORKLOADS = {
+    "face": ("F6/8", 112, 3, 100, "cosface", 8),
+    "vit_b16": ("B/16", 224, 3, 100, "linear", 2),
+    "digits": ("Mu/2", 8, 1, 10, "linear", 32),
+}
+WEIGHTS = {"beta": 0.2, "bound": 105.0, "alpha": 1e-4, "proto_bound": 0.0, "w_f": 0.0,
+           "w_r": 0.0}
+
+
+def matmul_peak(n: int, dtype, repeats: int) -> float:
+  """Best-of-`repeats` GFLOP/s of a jitted (n, n) @ (n, n) matmul in `dtype`."""
+  a, b = (jax.random.normal(k, (n, n), dtype) for k in jax.random.split(jax.random.key(0)))
+  f = jax.jit(lambda x, y: x @ y)
+  jax.block_until_ready(f(a, b))
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(f(a, b))
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best / 1e9
+
+
+def setup(name: str, rng_impl: str, dtype: str):
+  """(step, state, batches) of one GS-LoRA update for workload `name`."""
+  variant, size, channels, classes, head, n = WORKLOADS[name]
+  cfg = ml_collections.ConfigDict(dict(variant=variant, num_classes=classes, dropout=0.1,
+                                       dtype=dtype))
+  base = train.Network(vit.make_model(cfg), lora_scale=1.0 / 8, rng_impl=rng_impl)
+  net = heads.HeadNetwork(base, head)
+  shape = (size, size, channels)
+  params = vit.init_params(base.model, jax.random.key(0), shape)
+  lora = lora_lib.init(jax.random.key(1), params, rank=8)
+  tx = train.make_optimizer()
+  state = train.init_state(params, lora, "", {"lr": 1e-2, "weight_decay": 0.05, **WEIGHTS}, 0,
+                           tx, rng_impl)
+  loss = continual.make_loss(continual.get_method("gs_lora"), net, "block", warmup_steps=0)
+  step = train.make_step(loss, tx, lambda s: 1.0, rng_impl)
+
+  def batch(key):
+    a, b = jax.random.split(key)
+    return {"images": jax.random.randint(a, (n, *shape), 0, 256).astype(jnp.uint8),
+            "labels": jax.random.randint(b, (n,), 0, classes)}
+
+  r, f = jax.random.split(jax.random.key(2))
+  batches = {"retain": batch(r), "forget": batch(f),
+             "ctx": {"stage_step": jnp.zeros((), jnp.int32)}}
+  return step, state, batches
+
+
+def measure(step, state, batches, warmup: int, repeats: int) -> dict:
+  """Compile once, then time donated-state calls; XLA flops and memory."""
+  mesh = sharding.make_mesh()
+  state = jax.device_put(state, sharding.replicated(mesh))
+  t0 = time.perf_counter()
+  compiled = sharding.compile_step(step, mesh).lower(state, batches).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  mem = compiled.memory_analysis()
+  times = []
+  for i in range(warmup + repeats):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batches)
+    jax.block_until_ready((state, metrics))
+    if i >= warmup:
+      times.append(time.perf_counter() - t)
+  stats = jax.devices()[0].memory_stats() or {}
+  return {"compile_s": compile_s, "step_ms": 1e3 * statistics.median(times),
+          "step_ms_all": [1e3 * t for t in times], "flops": float(cost.get("flops", -1)),
+          "temp_bytes": int(mem.temp_size_in_bytes) if mem else -1,
+          "argument_bytes": int(mem.argument_size_in_bytes) if mem else -1,
+          "peak_bytes": int(stats.get("peak_bytes_in_use", -1)),
+          "loss": float(metrics["loss"])}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--workloads", default="face,vit_b16,digits")
+  p.add_argument("--rng_impls", default="threefry2x32,rbg")
+  p.add_argument("--dtypes", default="float32")
+  p.add_argument("--matmul_n", type=int, default=2048)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--repeats", type=int, default=7)
+  p.add_argument("--out", default="")
+  args = p.parse_args()
+
+  peaks = {d: matmul_peak(args.matmul_n, jnp.dtype(d), 5) for d in args.dtypes.split(",")}
+  rows = []
+  for name in args.workloads.split(","):
+    if name not in WORKLOADS:
+      raise SystemExit(f"error: unknown workload {name!r}; use some of {sorted(WORKLOADS)}")
+    for dtype in args.dtypes.split(","):
+      for impl in args.rng_impls.split(","):
+        r = measure(*setup(name, impl, dtype), args.warmup, args.repeats)
+        r.update(workload=name, variant=WORKLOADS[name][0], dtype=dtype, rng_impl=impl,
+                 gflops=r["flops"] / r["step_ms"] / 1e6, peak_gflops=peaks[dtype])
+        r["mfu_%"] = 100 * r["gflops"] / peaks[dtype]
+        rows.append(r)
+        print(table([_show(r)], COLUMNS), flush=True)
+  out = args.out or os.path.join(RESULTS, f"step_speed_{jax.default_backend()}.json")
+  result = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+            "cpu_count": os.cpu_count(), "jax": jax.__version__, "config": vars(args),
+            "matmul_peak_gflops": peaks, "rows": rows}
+  workdir.write_json(out, result)
+  print(f"\n{result['device']} ({result['backend']}), matmul {args.matmul_n}^2 peak: "
+        + ", ".join(f"{d} {v:.0f} GFLOP/s" for d, v in peaks.items()))
+  print(table([_show(r) for r in rows], COLUMNS))
+  print(f"wrote {out}")
+
+
+COLUMNS = ["workload", "variant", "dtype", "rng_impl", "compile_s", "step_ms", "GFLOP",
+           "gflops", "mfu_%", "temp MiB", "peak MiB"]
+
+
+def _show(r: dict) -> dict:
+  return {**r, "GFLOP": r["flops"] / 1e9, "temp MiB": r["temp_bytes"] / 2**20,
+          "peak MiB": r["peak_bytes"] / 2**20 if r["peak_bytes"] >= 0 else "-"}
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,203 @@
+"""The fast ViT pieces compute what a straightforward Flax ViT computes."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kswap_jax import continual, heads, train
+from kswap_jax import lora as lora_lib
+from kswap_jax.errors import UserError
+from kswap_jax.models import vit
+
+
+class _RefBlock(nn.Module):
+  """Pre-LN block from stock Flax layers: MultiHeadDotProductAttention, erfc GELU, Dropout."""
+  mlp_dim: int
+  num_heads: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, x, train):
+    y = nn.LayerNorm(epsilon=1e-6)(x)
+    y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads)(y, y, deterministic=True)
+    x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
+    y = nn.LayerNorm(epsilon=1e-6)(x)
+    return x + _RefMlp(self.mlp_dim, self.dropout, name="MlpBlock_0")(y, train)
+
+
+class _RefMlp(nn.Module):
+  mlp_dim: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, x, train):
+    y = nn.gelu(nn.Dense(self.mlp_dim)(x), approximate=False)
+    y = nn.Dense(x.shape[-1])(nn.Dropout(self.dropout)(y, deterministic=not train))
+    return nn.Dropout(self.dropout)(y, deterministic=not train)
+
+
+class _RefViT(nn.Module):
+  """The same parameter tree as `vit.ViT`, built the obvious way (3-D Dense, Flax attention)."""
+  num_classes: int
+  patch_size: int
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, images, *, train=False, return_embedding=False):
+    p = self.patch_size
+    x = nn.Conv(self.width, (p, p), strides=(p, p), name="embedding")(images)
+    b, h, w, d = x.shape
+    x = x.reshape(b, h * w, d) + self.param("pos_embedding", nn.initializers.zeros,
+                                            (1, h * w, d))
+    cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
+    x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)), x], axis=1)
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    x = _RefEncoder(self.depth, self.mlp_dim, self.num_heads, self.dropout,
+                    name="Transformer")(x, train)
+    emb = x[:, 0]
+    logits = nn.Dense(self.num_classes, name="head")(emb)
+    return (logits, emb) if return_embedding else logits
+
+
+class _RefEncoder(nn.Module):
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, x, train):
+    for i in range(self.depth):
+      x = _RefBlock(self.mlp_dim, self.num_heads, self.dropout,
+                    name=f"encoderblock_{i}")(x, train)
+    return nn.LayerNorm(epsilon=1e-6, name="encoder_norm")(x)
+
+
+def _randomised(params, key):
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return tree.unflatten([x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def _nets(dropout=0.0, head="cosface"):
+  kw = vit.get_variant("Nano/4")
+  fast = vit.ViT(num_classes=6, dropout=dropout, **kw)
+  ref = _RefViT(num_classes=6, dropout=dropout, **kw)
+  params = _randomised(vit.init_params(fast, jax.random.key(0), (16, 16, 3)), jax.random.key(1))
+  return [heads.HeadNetwork(train.Network(m, lora_scale=0.5), head) for m in (fast, ref)], params
+
+
+def _batches(key, n=4):
+  out = {}
+  for name, k in zip(("retain", "forget"), jax.random.split(key)):
+    a, b = jax.random.split(k)
+    out[name] = {"images": jax.random.randint(a, (n, 16, 16, 3), 0, 256).astype(jnp.uint8),
+                 "labels": jax.random.randint(b, (n,), 0, 6)}
+  return {**out, "ctx": {"stage_step": jnp.asarray(5, jnp.int32)}}
+
+
+def test_reference_has_the_same_parameter_tree():
+  (fast, ref), params = _nets()
+  ref_params = ref.base.model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  assert jax.tree.structure(ref_params) == jax.tree.structure(params)
+  assert jax.tree.map(jnp.shape, ref_params) == jax.tree.map(jnp.shape, params)
+
+
+@pytest.mark.parametrize("head", ["linear", "cosface"])
+def test_gs_lora_update_equals_the_straightforward_one(head):
+  """Same loss, metrics, LoRA and optimizer state after 3 updates (dropout 0, train mode)."""
+  (fast, ref), params = _nets(head=head)
+  lora = jax.tree.map(lambda t: t + 0.05, lora_lib.init(jax.random.key(2), params, rank=4))
+  tx = train.make_optimizer()
+  hp = {"lr": 1e-2, "weight_decay": 0.05, "beta": 0.2, "bound": 500.0, "alpha": 1e-2,
+        "proto_bound": 0.0, "w_f": 0.0, "w_r": 0.0}
+  method = continual.get_method("gs_lora")
+  out = []
+  for net in (fast, ref):
+    state = train.init_state(params, lora, "", hp, 0, tx)
+    step = jax.jit(train.make_step(continual.make_loss(method, net, "block", 0), tx,
+                                   lambda s: 1.0))
+    for i in range(3):
+      state, metrics = step(state, _batches(jax.random.key(10 + i)))
+    out.append((state["trainable"], state["opt"], metrics))
+  (t_fast, o_fast, m_fast), (t_ref, o_ref, m_ref) = out
+  assert float(m_ref["forget"]) > 0  # the bounded forget term is active
+  for a, b in zip(jax.tree.leaves((t_fast, m_fast)), jax.tree.leaves((t_ref, m_ref))):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+  for a, b in zip(jax.tree.leaves(o_fast), jax.tree.leaves(o_ref)):
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6)
+
+
+def test_einsum_attention_matches_jax_attention_and_its_gradient():
+  q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 7, 3, 5))
+  np.testing.assert_allclose(vit.einsum_attention(q, k, v),
+                             jax.nn.dot_product_attention(q, k, v), atol=1e-5)
+  loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+  got = jax.grad(loss(vit.einsum_attention), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_gelu_and_its_derivative_match_the_erfc_gelu():
+  x = jnp.linspace(-9.0, 9.0, 2001)
+  want = functools.partial(jax.nn.gelu, approximate=False)
+  np.testing.assert_allclose(vit.gelu(x), want(x), atol=2e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(vit.gelu))(x), jax.vmap(jax.grad(want))(x),
+                             atol=2e-6)
+
+
+def test_dropout_rate_scale_and_determinism():
+  x = jnp.ones((400, 500))
+  drop = vit.Dropout(0.1)
+  out = drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+  zero = np.asarray(out == 0)
+  n = zero.size
+  assert abs(zero.mean() - 0.1) < 4 * np.sqrt(0.1 * 0.9 / n)
+  np.testing.assert_allclose(np.asarray(out)[~zero], 1 / 0.9, rtol=1e-6)
+  assert abs(zero[:200].mean() - zero[200:].mean()) < 8 * np.sqrt(0.09 / (n / 2))  # no stripes
+  again = drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+  np.testing.assert_array_equal(out, again)
+  other = drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(4)})
+  assert np.mean(np.asarray(other == 0) != zero) > 0.1
+  np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
+  odd = drop.apply({}, jnp.ones((3, 7)), deterministic=False, rngs={"dropout": jax.random.key(0)})
+  assert odd.shape == (3, 7)
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_dropout_in_training_steps_with_each_key_implementation(impl):
+  (fast, _), params = _nets(dropout=0.3, head="linear")
+  tx = train.make_optimizer()
+  hp = {"lr": 1e-2, "weight_decay": 0.0}
+  loss = lambda t, f, h, b, rng: (optax.softmax_cross_entropy_with_integer_labels(
+      fast.apply(f, t["lora"], b["images"], train=True, rng=rng), b["labels"]).mean(), {})
+  step = jax.jit(train.make_step(loss, tx, lambda s: 1.0, impl))
+  state = train.init_state(params, lora_lib.init(jax.random.key(2), params, rank=2), "", hp, 0,
+                           tx, impl)
+  batch = _batches(jax.random.key(5))["retain"]
+  s1, m1 = step(state, batch)
+  s2, m2 = step(s1, batch)
+  assert np.isfinite(float(m1["loss"])) and float(m1["loss"]) != float(m2["loss"])
+  s1b, m1b = step(state, batch)
+  assert float(m1b["loss"]) == float(m1["loss"])  # a step's masks depend on its key only
+
+
+def test_cudnn_attention_is_refused_off_gpu():
+  import ml_collections
+  cfg = ml_collections.ConfigDict(dict(variant="Nano/4", num_classes=3, attention="cudnn",
+                                       dtype="bfloat16"))
+  if jax.default_backend() != "gpu":
+    with pytest.raises(UserError, match="needs an NVIDIA GPU"):
+      vit.make_model(cfg)
+  cfg.attention = "flash"
+  with pytest.raises(UserError, match="model.attention='flash' is not allowed"):
+    vit.make_model(cfg)
