@@ -16,13 +16,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kswap_jax import swap
+from kswap_jax import dtl, swap
 from kswap_jax.errors import UserError
 
 # Config paths a sweep may vary, per method (everything else is shared by all members).
 SWEEPABLE = {
     "swap": ("seed", "train.lr", "train.weight_decay",
              *(f"weights.{k}" for k in swap.HPARAMS)),
+    # values of the dispose stage only: every member shares one transfer stage
+    "dispose": ("train.lr.dispose", *(f"weights.{k}" for k in dtl.HPARAMS)),
 }
 
 # vmap axes of the train state (a pytree prefix): member-stacked vs shared entries.
@@ -64,9 +66,9 @@ def check_keys(assignments: list[dict], method: str) -> None:
     raise UserError(f"method={method!r} cannot be swept yet; use one of {sorted(SWEEPABLE)}")
   bad = sorted({k for a in assignments for k in a} - set(SWEEPABLE[method]))
   if bad:
-    raise UserError(f"sweep keys {bad} change shapes or the compiled program, so members could "
-                    f"not train together; sweep only {list(SWEEPABLE[method])}, and run other "
-                    f"choices as separate jobs")
+    raise UserError(f"sweep keys {bad} change shapes, the compiled program or a stage the "
+                    f"members share, so members could not train together; sweep only "
+                    f"{list(SWEEPABLE[method])}, and run other choices as separate jobs")
 
 
 def member_config(base: ml_collections.ConfigDict, assignment: dict[str, Any],

@@ -11,8 +11,9 @@ import pytest
 from ml_collections import config_flags
 
 from kswap_jax import lora as lora_lib
-from kswap_jax import sharding, sweep, train, workdir
+from kswap_jax import config_lib, sharding, sweep, train, workdir
 from kswap_jax.errors import UserError
+from kswap_jax.jobs import dispose
 from kswap_jax.jobs import swap as swap_job
 from kswap_jax.jobs import sweep as sweep_job
 
@@ -97,6 +98,47 @@ def test_members_split_over_devices_match_one_device(swept, tmp_path):
   want = {f"{i}/{sharding.path_str(p)}": np.asarray(x) for i, t in enumerate(res["trainable"])
           for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}
   chex.assert_trees_all_close(got, want, atol=1e-5)
+
+
+DISPOSE_MEMBERS = ({"weights.gc": 0.3, "train.lr.dispose": 3e-3},
+                   {"weights.gc": 2.0, "train.lr.dispose": 1e-3})
+
+
+def test_dispose_members_equal_single_runs(tmp_path):
+  c = config_lib.load(os.path.join(ROOT, "configs", "sweep_dispose_digits.py"), "runlocal")
+  c.grid = {}
+  c.members = DISPOSE_MEMBERS
+  res = sweep_job.run(c, str(tmp_path / "sweep"))
+  for f in ("sweep.json", "pareto.png", "best/model/model.json", "transfer/checkpoints"):
+    assert os.path.exists(tmp_path / "sweep" / f)
+  base = c.base
+  base.init.checkpoint = str(tmp_path / "sweep" / "pretrain")
+  for i, assignment in enumerate(DISPOSE_MEMBERS):
+    single = dispose.run(sweep.member_config(base, assignment), str(tmp_path / str(i)))
+    row, last = res["members"][i], single["evals"][-1]
+    assert last["after"] == "dispose"
+    for k in ("target_acc", "source_acc"):
+      assert row[k] == pytest.approx(last[k], abs=1e-5), (i, k)
+    for variant, accs in single["pl"].items():
+      assert row[f"pl_{variant}"] == pytest.approx(accs["scrubbed"], abs=1e-5), (i, variant)
+      assert res["pl_reference"][variant]["unscrubbed"] == pytest.approx(accs["unscrubbed"],
+                                                                         abs=1e-5)
+      if accs["leakage"] == accs["leakage"]:
+        assert row[f"leakage_{variant}"] == pytest.approx(accs["leakage"], abs=1e-5)
+    alone, _ = workdir.load_model(str(tmp_path / str(i) / "model"))
+    # Full fine-tuning: every param but the attention key biases, whose gradient is exactly
+    # zero (softmax ignores a per-row shift), so Adam turns float noise into lr-sized steps.
+    got = {sharding.path_str(p): x for p, x in
+           jax.tree_util.tree_flatten_with_path(res["trainable"][i]["params"])[0]}
+    want = {sharding.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(alone)[0]}
+    assert got.keys() == want.keys()
+    keep = [k for k in got if not k.endswith("key/bias")]
+    chex.assert_trees_all_close({k: got[k] for k in keep}, {k: want[k] for k in keep},
+                                atol=1e-5)
+  assert res["best"] == int(np.argmax([r["score"] for r in res["members"]]))
+  c.members = ({"seed": 1},)  # seed changes the shared transfer stage
+  with pytest.raises(UserError, match=r"sweep keys \['seed'\] change shapes"):
+    sweep_job.run(c, str(tmp_path / "refused"))
 
 
 def test_fit_members_from_memory_estimates():

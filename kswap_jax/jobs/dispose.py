@@ -12,8 +12,10 @@ workdir/model (the released model: LoRA merged, target head).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +45,87 @@ def _with_classes(model_cfg, n: int) -> ml_collections.ConfigDict:
   return out
 
 
-def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
-  workdir.check_config(run_dir, config)
+@dataclasses.dataclass
+class Disposal:
+  """What both stages of a disposal run share, built by `prepare`.
+
+  state: the initial train state (placed by `state_sharding`); steps: {"transfer": n,
+  "dispose": n}; sets and labels: {"target" | "source" | "pl": (train, test) ExampleSets,
+  LabelSpace}.
+  """
+  config: ml_collections.ConfigDict
+  method: str
+  mesh: jax.sharding.Mesh
+  net: train.Network
+  tgt_cfg: ml_collections.ConfigDict
+  pl_cfg: ml_collections.ConfigDict
+  labels: dict
+  sets: dict
+  source_head: dict
+  tx: Any
+  state: dict
+  state_sharding: Any
+  steps: dict
+  counts: tuple
+  samplers: tuple
+
+  def batches(self, s: int, with_source: bool) -> dict:
+    """Stage step s: {"target": batch[, "source": batch]} on the mesh."""
+    tgt, src = self.samplers
+    put = sharding.data_sharding(self.mesh)
+    out = {"target": pipeline.batch(self.sets["target"][0], tgt.positions(s), put)}
+    if with_source:
+      out["source"] = pipeline.batch(self.sets["source"][0], src.positions(s), put)
+    return out
+
+  def step(self, kind: str, ratio_in_hparams: bool = False):
+    """Uncompiled update of stage `kind`; its lr ends at lr_end (end ratio lr_end / lr from the
+    config, or from hparams["end_ratio"] with `ratio_in_hparams`, as sweep members need)."""
+    tcfg, dcfg = self.config.train, self.config.dispose
+    loss = dtl.disposal_loss(self.net, self.source_head,
+                             self.method if kind == "dispose" else "none",
+                             num_splits=dcfg.num_splits, gc_params=dcfg.gc_params,
+                             similarity=dcfg.similarity)
+
+    def step(state, batches):
+      ratio = (state["hparams"]["end_ratio"] if ratio_in_hparams
+               else tcfg.lr_end / tcfg.lr[kind])
+      schedule = functools.partial(train.lr_factor, total_steps=self.steps[kind],
+                                   end_ratio=ratio,
+                                   steps_per_epoch=self.samplers[0].steps_per_epoch)
+      return train.make_step(loss, self.tx, schedule, self.net.rng_impl)(state, batches)
+
+    return step
+
+  def start_dispose(self, state: dict, lr: float, weights: dict | None = None) -> dict:
+    """The state the dispose stage starts from: fresh optimizer moments, its lr (and weights)."""
+    hp = {**state["hparams"], "lr": jnp.float32(lr),
+          **{k: jnp.float32(v) for k, v in (weights or {}).items()}}
+    return {**state, "opt": self.tx.init(state["trainable"]), "hparams": hp}
+
+  def accuracies(self, state: dict, split: int = 1, sets=None) -> dict:
+    """{"target_acc", "source_acc"} (%) of a state on the test (split 1) sets."""
+    sets = sets or self.sets
+    params, lora = train.full_params(state), state["trainable"]["lora"]
+    counts_t, counts_s = self.counts
+    bs = self.config.data.eval_batch_size
+    ct = train.evaluate(counts_t, params, lora, sets["target"][split], bs, self.mesh)
+    cs = train.evaluate(counts_s, {**params, "head": self.source_head}, lora,
+                        sets["source"][split], bs, self.mesh)
+    return {"target_acc": _acc(*ct), "source_acc": _acc(*cs)}
+
+  def released(self, state: dict) -> dict:
+    """The model a user receives: LoRA merged, target head."""
+    return lora_lib.merge(train.full_params(state), state["trainable"]["lora"],
+                          self.net.lora_scale)
+
+  def random_model(self) -> dict:
+    return vit.init_params(self.net.model, jax.random.key(self.config.seed + 3),
+                           (self.config.data.image_size,) * 2 + (self.config.data.channels,))
+
+
+def prepare(config: ml_collections.ConfigDict, run_dir: str) -> Disposal:
+  """Checks the config, loads (or pretrains) the source model and builds a `Disposal`."""
   method = dtl.check_method(config.method)
   if config.finetune not in FINETUNE:
     raise UserError(f"finetune={config.finetune!r} is not allowed; use one of {FINETUNE}")
@@ -83,87 +164,64 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   say(f"dispose ({method}, {config.finetune}): source {len(sets['source'][0])} / target "
       f"{len(sets['target'][0])} / PL {len(sets['pl'][0])} train images; trainable "
       f"{lora_lib.count(state['trainable']):,} parameters")
+  samplers = (pipeline.EpochSampler(len(sets["target"][0]), tcfg.batch_size, config.seed),
+              pipeline.EpochSampler(len(sets["source"][0]), dcfg.source_batch_size,
+                                    config.seed + 7))
+  steps = {k: tcfg.epochs[k] * samplers[0].steps_per_epoch for k in ("transfer", "dispose")}
+  counts = (train.correct_counts(net, len(tgt_labels)),
+            train.correct_counts(net_src, len(src_labels)))
+  return Disposal(config, method, mesh, net, tgt_cfg, _with_classes(model_cfg, len(pl_labels)),
+                  {"target": tgt_labels, "source": src_labels, "pl": pl_labels}, sets,
+                  source_head, tx, state, state_sharding, steps, counts,
+                  samplers)
 
-  counts_t = train.correct_counts(net, len(tgt_labels))
-  counts_s = train.correct_counts(net_src, len(src_labels))
+
+def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
+  workdir.check_config(run_dir, config)
+  d = prepare(config, run_dir)
   path = os.path.join(run_dir, "results.json")
   results = workdir.read_json(path, {"evals": []})
-  results.update(method=method, finetune=config.finetune,
-                 examples={k: {"train": len(a), "test": len(b)} for k, (a, b) in sets.items()})
+  results.update(method=d.method, finetune=config.finetune,
+                 examples={k: {"train": len(a), "test": len(b)} for k, (a, b) in d.sets.items()})
 
   def evaluate(state, when: str):
-    params, lora = train.full_params(state), state["trainable"]["lora"]
-    ct = train.evaluate(counts_t, params, lora, sets["target"][1], data.eval_batch_size, mesh)
-    cs = train.evaluate(counts_s, {**params, "head": source_head}, lora, sets["source"][1],
-                        data.eval_batch_size, mesh)
-    row = {"after": when, "target_acc": _acc(*ct), "source_acc": _acc(*cs)}
+    row = {"after": when, **d.accuracies(state)}
     results["evals"] = [r for r in results["evals"] if r["after"] != when] + [row]
     workdir.write_json(path, results)
     say(table(results["evals"], ["after", "target_acc", "source_acc"]))
 
-  def released(state):
-    return lora_lib.merge(train.full_params(state), state["trainable"]["lora"], net.lora_scale)
-
   def end_transfer(state):
     evaluate(state, "transfer")
-    workdir.export_model(os.path.join(run_dir, "transferred"), released(state), tgt_cfg,
-                         tgt_labels.to_json())
+    workdir.export_model(os.path.join(run_dir, "transferred"), d.released(state), d.tgt_cfg,
+                         d.labels["target"].to_json())
 
   def end_dispose(state):
     evaluate(state, "dispose")
-    scrubbed = released(state)
-    workdir.export_model(os.path.join(run_dir, "model"), scrubbed, tgt_cfg, tgt_labels.to_json(),
-                         extra={"method": method})
+    scrubbed = d.released(state)
+    workdir.export_model(os.path.join(run_dir, "model"), scrubbed, d.tgt_cfg,
+                         d.labels["target"].to_json(), extra={"method": d.method})
     build = {"scrubbed": lambda: scrubbed,
              "unscrubbed": lambda: workdir.load_model(os.path.join(run_dir, "transferred"))[0],
-             "random": lambda: vit.init_params(net.model, jax.random.key(config.seed + 3),
-                                               (data.image_size, data.image_size, data.channels))}
-    results["pl"] = _pl_attacks(config, _with_classes(model_cfg, len(pl_labels)), mesh,
-                                sets["pl"], {m: build[m]() for m in pl_models})
+             "random": d.random_model}
+    attacks = pl_attackers(config, d.pl_cfg, d.mesh, d.sets["pl"])
+    results["pl"] = pl_results(attacks, {m: build[m]() for m in config.pl.models})
     workdir.write_json(path, results)
     say(table([{"attack": a, **r} for a, r in results["pl"].items()],
-              ["attack", *pl_models, "leakage"], "{:.3f}"))
+              ["attack", *config.pl.models, "leakage"], "{:.3f}"))
 
   if not any(r["after"] == "pretrained" for r in results["evals"]):
-    evaluate(state, "pretrained")
-  batch_sharding = sharding.data_sharding(mesh)
-  tgt_sampler = pipeline.EpochSampler(len(sets["target"][0]), tcfg.batch_size, config.seed)
-  src_sampler = pipeline.EpochSampler(len(sets["source"][0]), dcfg.source_batch_size,
-                                      config.seed + 7)
-
-  def batches(s, with_source):
-    out = {"target": pipeline.batch(sets["target"][0], tgt_sampler.positions(s),
-                                    batch_sharding)}
-    if with_source:
-      out["source"] = pipeline.batch(sets["source"][0], src_sampler.positions(s),
-                                     batch_sharding)
-    return out
-
-  def stage_step(kind, steps):
-    schedule = functools.partial(train.lr_factor, total_steps=steps,
-                                 end_ratio=tcfg.lr_end / tcfg.lr[kind],
-                                 steps_per_epoch=tgt_sampler.steps_per_epoch)
-    loss = dtl.disposal_loss(net, source_head, method if kind == "dispose" else "none",
-                             num_splits=dcfg.num_splits, gc_params=dcfg.gc_params,
-                             similarity=dcfg.similarity)
-    return sharding.compile_step(train.make_step(loss, tx, schedule, net.rng_impl), mesh,
-                                 state_sharding)
-
-  def begin_dispose(state):  # fresh optimizer moments and the disposal learning rate
-    hp = {**state["hparams"], "lr": jnp.float32(tcfg.lr.dispose)}
-    return jax.device_put({**state, "opt": tx.init(state["trainable"]), "hparams": hp},
-                          state_sharding)
-
-  n_t = tcfg.epochs.transfer * tgt_sampler.steps_per_epoch
-  n_d = tcfg.epochs.dispose * tgt_sampler.steps_per_epoch
-  stages = [loop.Stage("transfer", n_t, stage_step("transfer", n_t),
-                       functools.partial(batches, with_source=False), end=end_transfer),
-            loop.Stage("dispose", n_d, stage_step("dispose", n_d),
-                       functools.partial(batches, with_source=method != "none"),
-                       begin=begin_dispose, end=end_dispose)]
+    evaluate(d.state, "pretrained")
+  compiled = lambda kind: sharding.compile_step(d.step(kind), d.mesh, d.state_sharding)
+  stages = [loop.Stage("transfer", d.steps["transfer"], compiled("transfer"),
+                       functools.partial(d.batches, with_source=False), end=end_transfer),
+            loop.Stage("dispose", d.steps["dispose"], compiled("dispose"),
+                       functools.partial(d.batches, with_source=d.method != "none"),
+                       begin=lambda s: jax.device_put(
+                           d.start_dispose(s, config.train.lr.dispose), d.state_sharding),
+                       end=end_dispose)]
   ckpts = workdir.Checkpoints(os.path.join(run_dir, "checkpoints"),
                               config.checkpoint.every_steps, config.checkpoint.keep)
-  loop.run(state, stages, ckpts, run_dir, config.log_every)
+  loop.run(d.state, stages, ckpts, run_dir, config.log_every)
   return results
 
 
@@ -171,19 +229,24 @@ def _acc(correct, count) -> float:
   return metrics.set_accuracy(correct, count)
 
 
-def _pl_attacks(config, model_cfg, mesh, pl_sets, models: dict) -> dict:
-  """{attack: {model name: PL accuracy %[, "leakage": score when all PL_MODELS ran]}}."""
+def pl_attackers(config, model_cfg, mesh, pl_sets) -> dict:
+  """{attack variant: attack(params) -> PL accuracy %}, each compiled once (`dtl.pl_attacker`)."""
   pl = config.pl
   net = builders.network(config, model_cfg)
+  return {variant: dtl.pl_attacker(net, *pl_sets, variant=variant, steps=pl[variant].steps,
+                                   lr=pl[variant].lr, batch_size=pl.batch_size,
+                                   weight_decay=pl.weight_decay,
+                                   eval_batch_size=config.data.eval_batch_size, mesh=mesh,
+                                   seed=config.seed + 11)
+          for variant in pl.attacks}
+
+
+def pl_results(attacks: dict, models: dict) -> dict:
+  """{attack: {model name: PL accuracy %[, "leakage": score when all PL_MODELS ran]}}."""
   out = {}
-  for variant in pl.attacks:
-    attack = dtl.pl_attacker(net, *pl_sets, variant=variant, steps=pl[variant].steps,
-                             lr=pl[variant].lr, batch_size=pl.batch_size,
-                             weight_decay=pl.weight_decay,
-                             eval_batch_size=config.data.eval_batch_size, mesh=mesh,
-                             seed=config.seed + 11)
+  for variant, attack in attacks.items():
     acc = {name: attack(params) for name, params in models.items()}
-    out[variant] = acc
     if set(PL_MODELS) <= set(acc):
       acc["leakage"] = dtl.leakage(acc["scrubbed"], acc["unscrubbed"], acc["random"])
+    out[variant] = acc
   return out

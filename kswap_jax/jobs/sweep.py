@@ -1,16 +1,23 @@
-"""`sweep`: many runs of one method (now: `swap`) trained together as one vmapped program.
+"""`sweep`: many runs of one method (`swap` or `dispose`) trained as one vmapped program.
 
 Members are the base config with the values of `members` / `grid` set (see kswap_jax.sweep).
-They share the pretrained model, the data and its order (from `base.seed`); `seed` changes
-only the new head columns, the LoRA init and the dropout rng. Members train in chunks of
-`members_per_chunk` (0: all at once; -1: as many as fit 75% of a device's memory, estimated
-from XLA's memory analysis), each chunk resumable from workdir/chunk_<i>/. A chunk's members
-are split over the mesh axis `sweep` (`mesh.sweep` devices, each also splitting the batch
-over `mesh.data`).
+They share the pretrained model, the data and its order (from `base.seed`). Members train in
+chunks of `members_per_chunk` (0: all at once; -1: as many as fit 75% of a device's memory,
+estimated from XLA's memory analysis), each chunk resumable from workdir/chunk_<i>/. A
+chunk's members are split over the mesh axis `sweep` (`mesh.sweep` devices, each also
+splitting the batch over `mesh.data`).
 
-Writes workdir/sweep.json (one row per member: its values, top-1 on the R, F and L test and
-validation sets after the last stage, and the selection score Acc_R + Acc_L - Acc_F on
-validation), workdir/pareto.png (test Acc_F vs Acc_R, colour Acc_L) and the best member's
+swap: `seed` changes only the new head columns, the LoRA init and the dropout rng. Rows hold
+top-1 on the R, F and L test and validation sets after the last stage; the score is
+Acc_R + Acc_L - Acc_F on validation; pareto.png plots test Acc_F against Acc_R.
+dispose: one transfer stage is shared (workdir/transfer/), then each member's dispose stage
+(its lr and loss weights); every PL attack of `pl.attacks` then runs on each member's released
+model, against the unscrubbed and random models attacked once. Rows hold target and
+source-head accuracy (test and validation), PL accuracy and leakage per attack; the score is
+validation target accuracy - 100 x mean leakage; pareto.png plots leakage against target
+accuracy.
+
+Writes workdir/sweep.json (one row per member), workdir/pareto.png and the best member's
 model (LoRA merged) in workdir/best/model, usable as `init.checkpoint` of other jobs.
 """
 from __future__ import annotations
@@ -23,9 +30,10 @@ import matplotlib
 import ml_collections
 import numpy as np
 
-from kswap_jax import builders, loop, sharding, swap, sweep, train, workdir
+from kswap_jax import builders, dtl, loop, sharding, swap, sweep, train, workdir
 from kswap_jax import lora as lora_lib
 from kswap_jax.errors import UserError
+from kswap_jax.jobs import dispose as dispose_job
 from kswap_jax.jobs import swap as swap_job
 from kswap_jax.progress import say, table
 
@@ -43,10 +51,15 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   workdir.check_config(run_dir, config)
   assignments = sweep.expand(config.get("grid"), config.get("members"))
   sweep.check_keys(assignments, config.method)
-  base = config.base
   if config.mesh.get("rules"):
     raise UserError("a sweep places its stacked state by member (mesh.sweep); remove mesh.rules")
-  configs = [sweep.member_config(base, a) for a in assignments]
+  configs = [sweep.member_config(config.base, a) for a in assignments]
+  return {"swap": _run_swap, "dispose": _run_dispose}[config.method](
+      config, run_dir, assignments, configs)
+
+
+def _run_swap(config, run_dir, assignments, configs) -> dict:
+  base = config.base
   if base.head == "frozen" and len({c.seed for c in configs}) > 1:
     raise UserError("seed changes the new head columns, which head='frozen' shares between "
                     "members; sweep seed with head='train'")
@@ -57,7 +70,6 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
                                  f"sets.{n}", subset=False) for n in SETS}
   pools = {"": {n: sets[n][1] for n in SETS}, "val_": val}  # test, validation
   mesh = sharding.make_mesh(config.mesh)
-  devices = mesh.shape.get("sweep", 1)
   net = builders.network(base, model_cfg)
   tx = train.make_optimizer()
 
@@ -66,54 +78,139 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
     s["hparams"]["end_ratio"] = np.float32(configs[i].train.lr_end / configs[i].train.lr)
     return s
 
-  state_sharding = sharding.member_shardings(initial_state(0), mesh, sweep.STATE_AXES)
-  steps, stages = [], []
-  for kind, num_steps, per_epoch, batches in swap_job.stage_inputs(
-      base, sets, sharding.data_sharding(mesh)):
-    steps.append(sweep.vmap_step(_member_step(net, base, kind, tx, num_steps, per_epoch)))
-    stages.append(loop.Stage(kind, num_steps, sharding.compile_step(
-        steps[-1], mesh, state_sharding, gather=False), batches))
+  stages = [(kind, n, sweep.vmap_step(_member_step(net, base, kind, tx, n, per_epoch)), batches)
+            for kind, n, per_epoch, batches in swap_job.stage_inputs(
+                base, sets, sharding.data_sharding(mesh))]
   count_fn = _member_counts(net, len(labels))
-  size = config.members_per_chunk
-  if size < 0:
-    size = _fitting_chunk(steps, [st.batches(0) for st in stages], initial_state, len(configs),
-                          devices)
-  if (size or len(configs)) % devices:
-    raise UserError(f"chunks of {size or len(configs)} members cannot split over mesh.sweep="
-                    f"{devices} devices; make members_per_chunk (or the member count) a "
-                    f"multiple of {devices}")
-  say(f"sweep ({config.method}, {base.order}): {len(configs)} members in chunks of "
-      f"{size or len(configs)}, {devices} member group(s) side by side")
-
   rows, trainable = [], []
-  for c, idx in enumerate(sweep.chunks(len(configs), size)):
-    state = jax.device_put(sweep.stack_states([initial_state(i) for i in idx]), state_sharding)
-    chunk_dir = os.path.join(run_dir, f"chunk_{c}")
-    ckpts = workdir.Checkpoints(os.path.join(chunk_dir, "checkpoints"),
-                                config.checkpoint.every_steps, config.checkpoint.keep)
-    state = loop.run(state, stages, ckpts, chunk_dir, config.log_every)
+  for idx, state in _train_chunks(config, run_dir, mesh, stages, initial_state, len(configs),
+                                  f"{config.method}, {base.order}"):
     accs = {f"{prefix}acc_{n[0]}": _accuracy(count_fn, state, examples, base, mesh)
             for prefix, pool in pools.items() for n, examples in pool.items()}
     for j, i in enumerate(idx):
       row = {"member": i, **assignments[i], **{k: float(v[j]) for k, v in accs.items()}}
       rows.append({**row, "score": sweep.score(row)})
       trainable.append(jax.device_get(sweep.member(state["trainable"], j)))
+    frozen = state["params"]
 
+  def best_model(b):
+    return lora_lib.merge(train.combine(frozen, trainable[b]["params"]), trainable[b]["lora"],
+                          net.lora_scale)
+
+  results = _finish(run_dir, rows, assignments, "val Acc_R + val Acc_L - val Acc_F",
+                    ["acc_r", "acc_f", "acc_l", "val_acc_r", "val_acc_f", "val_acc_l"],
+                    best_model, model_cfg, labels, ("acc_r", "Acc_R"), ("acc_f", "Acc_F"),
+                    ("acc_l", "Acc_L"))
+  return {**results, "trainable": trainable}
+
+
+def _run_dispose(config, run_dir, assignments, configs) -> dict:
+  """One shared transfer stage, then the members' dispose stages vmapped, then PL attacks."""
+  base = config.base
+  d = dispose_job.prepare(base, run_dir)
+  mesh = d.mesh
+  val = {n: (None, builders.example_set(base.data, base[n],
+                                        builders.split_of(base.data, base[n], "val"),
+                                        d.labels[n], n, subset=False))
+         for n in ("target", "source")}
+  transfer = loop.Stage("transfer", d.steps["transfer"],
+                        sharding.compile_step(d.step("transfer"), mesh, d.state_sharding),
+                        functools.partial(d.batches, with_source=False))
+  ckpts = workdir.Checkpoints(os.path.join(run_dir, "transfer", "checkpoints"),
+                              config.checkpoint.every_steps, config.checkpoint.keep)
+  transferred = jax.device_get(loop.run(d.state, [transfer], ckpts,
+                                        os.path.join(run_dir, "transfer"), config.log_every))
+  attacks = dispose_job.pl_attackers(base, d.pl_cfg, mesh, d.sets["pl"])
+  floor = dispose_job.pl_results(attacks, {"unscrubbed": d.released(transferred),
+                                           "random": d.random_model()})
+
+  def initial_state(i):
+    c = configs[i]
+    s = d.start_dispose(transferred, c.train.lr.dispose,
+                        {k: c.weights[k] for k in dtl.HPARAMS})
+    s["hparams"]["end_ratio"] = np.float32(c.train.lr_end / c.train.lr.dispose)
+    return s
+
+  # The transfer stage is done in every chunk's state; the loop starts at the dispose stage.
+  stages = [("transfer", d.steps["transfer"], None, None),
+            ("dispose", d.steps["dispose"], sweep.vmap_step(d.step("dispose", True)),
+             functools.partial(d.batches, with_source=d.method != "none"))]
+  rows, trainable = [], []
+  for idx, state in _train_chunks(config, run_dir, mesh, stages[1:], initial_state,
+                                  len(configs), f"{config.method}, {d.method}",
+                                  done=stages[:1]):
+    for j, i in enumerate(idx):
+      one = {**state, "trainable": sweep.member(state["trainable"], j)}
+      row = {"member": i, **assignments[i], **d.accuracies(one),
+             **{f"val_{k}": v for k, v in d.accuracies(one, sets=val).items()}}
+      scrubbed = d.released(one)
+      for variant, attack in attacks.items():
+        pl = attack(scrubbed)
+        row[f"pl_{variant}"] = pl
+        row[f"leakage_{variant}"] = dtl.leakage(pl, floor[variant]["unscrubbed"],
+                                                floor[variant]["random"])
+      leaks = [row[f"leakage_{v}"] for v in attacks if row[f"leakage_{v}"] == row[f"leakage_{v}"]]
+      row["leakage"] = float(np.mean(leaks)) if leaks else float("nan")
+      row["score"] = row["val_target_acc"] - (100 * row["leakage"] if leaks else 0.0)
+      rows.append(row)
+      trainable.append(jax.device_get(one["trainable"]))
+    frozen = state["params"]
+
+  def best_model(b):
+    return d.released({"params": frozen, "trainable": trainable[b]})
+
+  results = _finish(run_dir, rows, assignments, "val target acc - 100 x mean PL leakage",
+                    ["target_acc", "source_acc", "val_target_acc",
+                     *(f"pl_{v}" for v in attacks), "leakage"],
+                    best_model, d.tgt_cfg, d.labels["target"],
+                    ("target_acc", "target accuracy"), ("leakage", "PL leakage"), None)
+  return {**results, "pl_reference": floor, "trainable": trainable}
+
+
+def _train_chunks(config, run_dir, mesh, stages, initial_state, n: int, what: str, done=()):
+  """Yields (member indices, trained stacked state) per chunk of members.
+
+  stages: (name, steps, vmapped step, batches) to train; done: stages every member state has
+  already finished (their steps count in state["step"]).
+  """
+  devices = mesh.shape.get("sweep", 1)
+  state_sharding = sharding.member_shardings(initial_state(0), mesh, sweep.STATE_AXES)
+  size = config.members_per_chunk
+  if size < 0:
+    size = _fitting_chunk([st[2] for st in stages], [st[3](0) for st in stages], initial_state,
+                          n, devices)
+  if (size or n) % devices:
+    raise UserError(f"chunks of {size or n} members cannot split over mesh.sweep={devices} "
+                    f"devices; make members_per_chunk (or the member count) a multiple of "
+                    f"{devices}")
+  say(f"sweep ({what}): {n} members in chunks of {size or n}, {devices} member group(s) side "
+      f"by side")
+  loop_stages = ([loop.Stage(name, steps, None, None) for name, steps, *_ in done]
+                 + [loop.Stage(name, steps, sharding.compile_step(step, mesh, state_sharding,
+                                                                   gather=False), batches)
+                    for name, steps, step, batches in stages])
+  for c, idx in enumerate(sweep.chunks(n, size)):
+    state = jax.device_put(sweep.stack_states([initial_state(i) for i in idx]), state_sharding)
+    chunk_dir = os.path.join(run_dir, f"chunk_{c}")
+    ckpts = workdir.Checkpoints(os.path.join(chunk_dir, "checkpoints"),
+                                config.checkpoint.every_steps, config.checkpoint.keep)
+    yield idx, loop.run(state, loop_stages, ckpts, chunk_dir, config.log_every)
+
+
+def _finish(run_dir, rows, assignments, score, columns, best_model, model_cfg, labels,
+            x, y, colour) -> dict:
+  """Writes sweep.json, prints the table, exports the best member and draws the Pareto plot."""
   best = max(range(len(rows)), key=lambda i: rows[i]["score"])
-  results = {"members": rows, "best": best, "score": "val Acc_R + val Acc_L - val Acc_F"}
+  results = {"members": rows, "best": best, "score": score}
   workdir.write_json(os.path.join(run_dir, "sweep.json"), results)
   keys = list(dict.fromkeys(k for a in assignments for k in a))
-  say(table(rows, ["member", *keys, "acc_r", "acc_f", "acc_l", "val_acc_r", "val_acc_f",
-                   "val_acc_l", "score"], floatfmt="{:.4g}"))
+  say(table(rows, ["member", *keys, *columns, "score"], floatfmt="{:.4g}"))
   say(f"best (validation score): member {best} {assignments[best]}")
-  frozen = state["params"]
-  merged = lora_lib.merge(train.combine(frozen, trainable[best]["params"]),
-                          trainable[best]["lora"], net.lora_scale)
-  workdir.export_model(os.path.join(run_dir, "best", "model"), merged, model_cfg,
+  workdir.export_model(os.path.join(run_dir, "best", "model"), best_model(best), model_cfg,
                        labels.to_json(), extra={"sweep_member": rows[best]})
   if workdir.is_main():
-    _pareto_plot(rows, best, os.path.join(run_dir, "pareto.png"))
-  return {**results, "trainable": trainable}
+    _pareto_plot(rows, best, os.path.join(run_dir, "pareto.png"), x, y, colour)
+  return results
 
 
 def _fitting_chunk(steps, batches, initial_state, n: int, devices: int) -> int:
@@ -158,21 +255,26 @@ def _accuracy(count_fn, state, examples, base, mesh) -> np.ndarray:
   return 100 * correct.sum(-1) / count.sum(-1)
 
 
-def _pareto_plot(rows: list[dict], best: int, path: str) -> None:
-  """Test Acc_F vs Acc_R per member (colour Acc_L), the Pareto front and the chosen member."""
-  r, f, l = (np.array([row[k] for row in rows]) for k in ("acc_r", "acc_f", "acc_l"))
-  front = np.flatnonzero(sweep.pareto_front(r, f))
-  front = front[np.argsort(r[front])]
+def _pareto_plot(rows: list[dict], best: int, path: str, x: tuple[str, str],
+                 y: tuple[str, str], colour: tuple[str, str] | None) -> None:
+  """y (lower is better) against x (higher is better) per member, the Pareto front and the
+  chosen member; x, y, colour: (row key, axis label)."""
+  xs, ys = (np.array([row[k[0]] for row in rows], float) for k in (x, y))
+  front = np.flatnonzero(sweep.pareto_front(xs, ys))
+  front = front[np.argsort(xs[front])]
   fig, ax = plt.subplots(figsize=(5, 4))
-  ax.plot(r[front], f[front], "-", color="grey", lw=1, label="Pareto front")
-  points = ax.scatter(r, f, c=l, cmap="viridis", s=30)
-  ax.scatter(r[best], f[best], s=160, facecolors="none", edgecolors="red",
+  ax.plot(xs[front], ys[front], "-", color="grey", lw=1, label="Pareto front")
+  if colour:
+    points = ax.scatter(xs, ys, c=[row[colour[0]] for row in rows], cmap="viridis", s=30)
+    fig.colorbar(points, ax=ax, label=f"{colour[1]} (test %)")
+  else:
+    ax.scatter(xs, ys, s=30)
+  ax.scatter(xs[best], ys[best], s=160, facecolors="none", edgecolors="red",
              label="best on validation")
-  fig.colorbar(points, ax=ax, label="Acc_L (test %)")
-  ax.set_xlabel("Acc_R (test %)")
-  ax.set_ylabel("Acc_F (test %)")
+  ax.set_xlabel(f"{x[1]} (test %)")
+  ax.set_ylabel(y[1] if y[0] == "leakage" else f"{y[1]} (test %)")
   ax.legend(fontsize=8)
-  ax.set_title(f"{len(rows)} members: retain vs forget")
+  ax.set_title(f"{len(rows)} members: {x[1]} vs {y[1]}")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
