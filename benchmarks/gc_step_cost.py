@@ -15,45 +15,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
+import step_timing
 
 from kswap_jax import dtl, sharding, train, workdir
 from kswap_jax.models import vit
 from kswap_jax.progress import table
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gc_step_cost.json")
-
-
-def _batch(rng, n: int, shape, classes: int) -> dict:
-  a, b = jax.random.split(rng)
-  return {"images": jax.random.randint(a, (n, *shape), 0, 256).astype(jnp.uint8),
-          "labels": jax.random.randint(b, (n,), 0, classes)}
-
-
-def measure(step_fn, state, batches, mesh, warmup: int, repeats: int) -> dict:
-  """Compile once, then time `repeats` donated-state calls; XLA flops and temp bytes."""
-  t0 = time.perf_counter()
-  compiled = sharding.compile_step(step_fn, mesh).lower(state, batches).compile()
-  compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  memory = compiled.memory_analysis()
-  state = jax.tree_util.tree_map(jnp.copy, state)  # the caller's state survives the donation
-  times = []
-  for i in range(warmup + repeats):
-    t = time.perf_counter()
-    state, metrics = compiled(state, batches)
-    jax.block_until_ready((state, metrics))
-    if i >= warmup:
-      times.append(time.perf_counter() - t)
-  return {"compile_s": compile_s, "step_ms": 1e3 * statistics.median(times),
-          "step_ms_all": [1e3 * t for t in times], "flops": float(cost.get("flops", -1)),
-          "temp_bytes": int(memory.temp_size_in_bytes) if memory else -1}
 
 
 def main():
@@ -78,22 +49,21 @@ def main():
   tx = train.make_optimizer()
   hparams = {"lr": 1e-3, "weight_decay": 0.05, **{k: 1.0 for k in dtl.HPARAMS}}
   mesh = sharding.make_mesh()
-  state = jax.device_put(train.init_state(params, None, ".*", hparams, 0, tx),
-                         sharding.replicated(mesh))
+  state = train.init_state(params, None, ".*", hparams, 0, tx)
   rng = jax.random.split(jax.random.key(2))
-  batches = {"target": _batch(rng[0], args.batch_size, shape, 10),
-             "source": _batch(rng[1], args.source_batch_size, shape, 5)}
+  batches = {"target": step_timing.random_batch(rng[0], args.batch_size, shape, 10),
+             "source": step_timing.random_batch(rng[1], args.source_batch_size, shape, 5)}
 
   def step(method, k=2):
     loss = dtl.disposal_loss(net, source_head, method, num_splits=k)
     return train.make_step(loss, tx, lambda s: 1.0)
 
   rows = [{"step": "plain", "K": "-",
-           **measure(step("none"), state, {"target": batches["target"]}, mesh, args.warmup,
+           **step_timing.measure(step("none"), state, {"target": batches["target"]}, mesh, args.warmup,
                      args.repeats)}]
   for k in map(int, args.ks.split(",")):
     rows.append({"step": "gc", "K": k,
-                 **measure(step("gc", k), state, batches, mesh, args.warmup, args.repeats)})
+                 **step_timing.measure(step("gc", k), state, batches, mesh, args.warmup, args.repeats)})
   base = rows[0]
   for r in rows:
     r.update(time_ratio=r["step_ms"] / base["step_ms"], flops_ratio=r["flops"] / base["flops"],

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import step_timing
 
 from kswap_jax import continual, heads, lora as lora_lib, sharding, train, workdir
 from kswap_jax.models import vit
@@ -74,41 +74,11 @@ def setup(name: str, rng_impl: str, dtype: str):
   loss = continual.make_loss(continual.get_method("gs_lora"), net, "block", warmup_steps=0)
   step = train.make_step(loss, tx, lambda s: 1.0, rng_impl)
 
-  def batch(key):
-    a, b = jax.random.split(key)
-    return {"images": jax.random.randint(a, (n, *shape), 0, 256).astype(jnp.uint8),
-            "labels": jax.random.randint(b, (n,), 0, classes)}
-
   r, f = jax.random.split(jax.random.key(2))
-  batches = {"retain": batch(r), "forget": batch(f),
+  batches = {"retain": step_timing.random_batch(r, n, shape, classes),
+             "forget": step_timing.random_batch(f, n, shape, classes),
              "ctx": {"stage_step": jnp.zeros((), jnp.int32)}}
   return step, state, batches
-
-
-def measure(step, state, batches, warmup: int, repeats: int) -> dict:
-  """Compile once, then time donated-state calls; XLA flops and memory."""
-  mesh = sharding.make_mesh()
-  state = jax.device_put(state, sharding.replicated(mesh))
-  t0 = time.perf_counter()
-  compiled = sharding.compile_step(step, mesh).lower(state, batches).compile()
-  compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  mem = compiled.memory_analysis()
-  times = []
-  for i in range(warmup + repeats):
-    t = time.perf_counter()
-    state, metrics = compiled(state, batches)
-    jax.block_until_ready((state, metrics))
-    if i >= warmup:
-      times.append(time.perf_counter() - t)
-  stats = jax.devices()[0].memory_stats() or {}
-  return {"compile_s": compile_s, "step_ms": 1e3 * statistics.median(times),
-          "step_ms_all": [1e3 * t for t in times], "flops": float(cost.get("flops", -1)),
-          "temp_bytes": int(mem.temp_size_in_bytes) if mem else -1,
-          "argument_bytes": int(mem.argument_size_in_bytes) if mem else -1,
-          "peak_bytes": int(stats.get("peak_bytes_in_use", -1)),
-          "loss": float(metrics["loss"])}
 
 
 def main():
@@ -122,6 +92,7 @@ def main():
   p.add_argument("--out", default="")
   args = p.parse_args()
 
+  mesh = sharding.make_mesh()
   peaks = {d: matmul_peak(args.matmul_n, jnp.dtype(d), 5) for d in args.dtypes.split(",")}
   rows = []
   for name in args.workloads.split(","):
@@ -129,7 +100,7 @@ def main():
       raise SystemExit(f"error: unknown workload {name!r}; use some of {sorted(WORKLOADS)}")
     for dtype in args.dtypes.split(","):
       for impl in args.rng_impls.split(","):
-        r = measure(*setup(name, impl, dtype), args.warmup, args.repeats)
+        r = step_timing.measure(*setup(name, impl, dtype), mesh, args.warmup, args.repeats)
         r.update(workload=name, variant=WORKLOADS[name][0], dtype=dtype, rng_impl=impl,
                  gflops=r["flops"] / r["step_ms"] / 1e6, peak_gflops=peaks[dtype])
         r["mfu_%"] = 100 * r["gflops"] / peaks[dtype]
