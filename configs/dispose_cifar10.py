@@ -35,6 +35,7 @@ def get_config(arg=None):
   c.target = ml_collections.ConfigDict(dict(dataset="cifar10", classes="0-9", fraction=1.0,
                                             per_class=0, seed=1337, test_split="test"))
   c.model = ml_collections.ConfigDict(dict(variant=a.variant, dropout=0.0, dtype="float32",
+                                           attention="einsum",
                                            representation_size=0))
   c.init = ml_collections.ConfigDict(dict(checkpoint=a.checkpoint, dataset=a.source,
                                           classes=a.source_classes))

@@ -29,7 +29,7 @@ def get_config(arg=None):
       test_split=""))
   c.source = digits("0-4")   # the source data the disposer holds (labels of the pretrained head)
   c.target = digits("5-9")
-  c.model = ml_collections.ConfigDict(dict(dropout=0.0, dtype="float32"))
+  c.model = ml_collections.ConfigDict(dict(dropout=0.0, dtype="float32", attention="einsum"))
   c.init = ml_collections.ConfigDict(dict(checkpoint="", pretrain=_pretrain(a)))
   c.lora = config_lib.lora(rank=8, alpha=1.0, a_init="small")  # used when finetune=lora
   c.train = ml_collections.ConfigDict(dict(

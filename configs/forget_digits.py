@@ -28,7 +28,7 @@ def get_config(arg=None):
       forget=dict(fraction=1.0, per_class=0)))
   c.tasks = ml_collections.ConfigDict(dict(forget=[], per_task=2, num_tasks=4,
                                            order_seed=continual.PROTOCOL_SEED))
-  c.model = ml_collections.ConfigDict(dict(dropout=0.0, dtype="float32"))
+  c.model = ml_collections.ConfigDict(dict(dropout=0.0, dtype="float32", attention="einsum"))
   c.init = ml_collections.ConfigDict(dict(checkpoint="", pretrain=_pretrain(a)))
   c.lora = config_lib.lora(rank=8, alpha=1.0, a_init="small")
   c.lora.a_init_first = "kaiming"

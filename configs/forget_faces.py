@@ -40,7 +40,8 @@ def get_config(arg=None):
   c.tasks = ml_collections.ConfigDict(dict(forget=[], per_task=a.per_task,
                                            num_tasks=a.num_tasks,
                                            order_seed=continual.PROTOCOL_SEED))
-  c.model = ml_collections.ConfigDict(dict(variant="F6/8", dropout=0.1, dtype="float32"))
+  c.model = ml_collections.ConfigDict(dict(variant="F6/8", dropout=0.1, dtype="float32",
+                                           attention="einsum"))
   c.init = ml_collections.ConfigDict(dict(checkpoint=a.ckpt, pretrain=_pretrain(a, c)))
   config_lib.gs_lora_paper(c, a, beta=[0.2, 0.25, 0.25, 0.2], head="cosface",
                            margin_at_eval=a.margin_at_eval, runlocal_variant="Nano/8")
@@ -53,7 +54,8 @@ def _pretrain(a, forget_config):
   c.seed = a.seed
   c.data = ml_collections.ConfigDict(forget_config.data)
   c.data.update(classes=a.classes, fraction=1.0, per_class=0)
-  c.model = ml_collections.ConfigDict(dict(variant="F6/8", dropout=0.1, dtype="float32"))
+  c.model = ml_collections.ConfigDict(dict(variant="F6/8", dropout=0.1, dtype="float32",
+                                           attention="einsum"))
   c.init = ml_collections.ConfigDict(dict(checkpoint=""))
   c.train = ml_collections.ConfigDict(dict(epochs=100, batch_size=256, lr=1e-3, lr_end=1e-5,
                                            weight_decay=0.05, warmup_steps=500))

@@ -30,7 +30,8 @@ def get_config(arg=None):
   c.tasks = ml_collections.ConfigDict(dict(forget=[], per_task=a.per_task,
                                            num_tasks=a.num_tasks,
                                            order_seed=continual.PROTOCOL_SEED))
-  c.model = ml_collections.ConfigDict(dict(variant="B/16", dropout=0.0, dtype="float32"))
+  c.model = ml_collections.ConfigDict(dict(variant="B/16", dropout=0.0, dtype="float32",
+                                           attention="einsum"))
   c.init = ml_collections.ConfigDict(dict(checkpoint=a.ckpt, dataset="imagenet2012",
                                           classes=a.classes))
   config_lib.gs_lora_paper(c, a, beta=[0.2, 0.25, 0.25, 0.25])

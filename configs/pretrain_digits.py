@@ -16,7 +16,8 @@ def get_config(arg=None):
   c.data.classes = a.classes
   c.data.fraction = 1.0
   c.data.per_class = 0
-  c.model = ml_collections.ConfigDict(dict(variant="Mu/2", dropout=0.0, dtype="float32"))
+  c.model = ml_collections.ConfigDict(dict(variant="Mu/2", dropout=0.0, dtype="float32",
+                                           attention="einsum"))
   c.init = ml_collections.ConfigDict(dict(checkpoint=""))
   c.train = ml_collections.ConfigDict(dict(
       epochs=60, batch_size=64, lr=2e-3, lr_end=1e-5, weight_decay=0.05, warmup_steps=100))

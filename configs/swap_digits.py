@@ -20,7 +20,7 @@ def get_config(arg=None):
       dict(dataset="sklearn_digits", classes=classes, fraction=1.0, per_class=0, seed=1337))
   c.sets = ml_collections.ConfigDict(dict(retain=digits("0-4"), forget=digits("5,6"),
                                           learn=digits("7,8,9")))
-  c.model = ml_collections.ConfigDict(dict(dropout=0.1, dtype="float32"))
+  c.model = ml_collections.ConfigDict(dict(dropout=0.1, dtype="float32", attention="einsum"))
   c.init = ml_collections.ConfigDict(dict(checkpoint="", pretrain=_pretrain(a)))
   # The tiny 4-block ViT needs LoRA on attention too to learn 7-9 to >90% (the papers adapt
   # only the MLP layers of ViT-B/16: config_lib.lora's default targets).
@@ -46,7 +46,7 @@ def _pretrain(a):
   c.data = config_lib.digits_data()
   c.data.update(classes="0-6", fraction=1.0, per_class=0)
   c.model = ml_collections.ConfigDict(dict(variant="Mu/2" if not a.runlocal else "Nano/2",
-                                           dropout=0.0, dtype="float32"))
+                                           dropout=0.0, dtype="float32", attention="einsum"))
   c.init = ml_collections.ConfigDict(dict(checkpoint=""))
   c.train = ml_collections.ConfigDict(dict(
       epochs=60 if not a.runlocal else 1, batch_size=64, lr=2e-3, lr_end=1e-5, weight_decay=0.05,

@@ -37,7 +37,7 @@ def get_config(arg=None):
           dataset=dataset, classes=f"0-{a.num_learn - 1}", fraction=1.0, per_class=0, seed=0,
           train_split=train_split, test_split=test_split))))
   c.model = ml_collections.ConfigDict(dict(variant="B/16" if not a.runlocal else "Nano/8",
-                                           dropout=0.1, dtype="float32"))
+                                           dropout=0.1, dtype="float32", attention="einsum"))
   # The .npz's head has 100 rows in the order of init.classes (labels 0-99).
   c.init = ml_collections.ConfigDict(dict(checkpoint="", dataset="imagenet2012",
                                           classes=",".join(classes)))

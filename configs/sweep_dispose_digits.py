@@ -6,7 +6,7 @@ Arguments: method (gc | grad_ascent | random_label), seed (the base run's), runl
 Train / validation / test: train[:90%] / train[90%:] / test; the pretrained source model never
 sees the validation images. All members share the transfer stage; they differ in the dispose
 stage's learning rate and loss weights (kswap_jax.sweep.SWEEPABLE["dispose"]). The best member
-maximises validation target accuracy - 100 x mean PL leakage.
+maximises validation target accuracy - 100 x mean PL leakage (PL accuracy on the PL test split).
 """
 import os
 
@@ -20,9 +20,10 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.method = "dispose"
   c.base = _base(a)
-  # Product of the value tuples: 4 x 2 = 8 members.
+  # Product of the value tuples: 2 x 4 = 8 members, over the weight of the method's term.
+  weight = {"gc": "gc", "grad_ascent": "ascent", "random_label": "random_label"}[a.method]
   c.grid = ml_collections.ConfigDict(dict(
-      train=dict(lr=dict(dispose=(1e-3, 3e-3))), weights=dict(gc=(0.1, 0.3, 1.0, 3.0))))
+      train=dict(lr=dict(dispose=(1e-3, 3e-3))), weights={weight: (0.1, 0.3, 1.0, 3.0)}))
   c.members = ()              # explicit members, e.g. ({"weights.gc": 0.5},)
   c.members_per_chunk = 0     # 0: all members in one program; -1: as many as fit memory
   c = config_lib.common(c, a.runlocal)

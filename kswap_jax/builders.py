@@ -92,7 +92,7 @@ def initial_model(config: ml_collections.ConfigDict, run_dir: str,
     return checkpoints.load_pretrained(ckpt, init), model_cfg, labels
   params, meta = workdir.load_model(ckpt)
   model_cfg = ml_collections.ConfigDict(meta["model"])
-  for k in ("dropout", "dtype"):  # run-time choices of this job, not of the checkpoint
+  for k in ("dropout", "dtype", "attention"):  # run-time choices of this job, not the checkpoint's
     if k in config.get("model", {}):
       model_cfg[k] = config.model[k]
   return params, model_cfg, pipeline.LabelSpace.from_json(meta["classes"])

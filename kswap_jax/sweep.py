@@ -24,7 +24,8 @@ SWEEPABLE = {
     "swap": ("seed", "train.lr", "train.weight_decay",
              *(f"weights.{k}" for k in swap.HPARAMS)),
     # values of the dispose stage only: every member shares one transfer stage
-    "dispose": ("train.lr.dispose", *(f"weights.{k}" for k in dtl.HPARAMS)),
+    "dispose": ("train.lr.dispose",
+                *(f"weights.{k}" for k in dtl.HPARAMS if k != "target")),
 }
 
 # vmap axes of the train state (a pytree prefix): member-stacked vs shared entries.

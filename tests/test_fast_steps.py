@@ -201,3 +201,6 @@ def test_cudnn_attention_is_refused_off_gpu():
   cfg.attention = "flash"
   with pytest.raises(UserError, match="model.attention='flash' is not allowed"):
     vit.make_model(cfg)
+  cfg.update(attention="einsum", dropout=1.0)
+  with pytest.raises(UserError, match=r"model.dropout=1.0 must be in \[0, 1\)"):
+    vit.make_model(cfg)

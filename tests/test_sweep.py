@@ -136,9 +136,10 @@ def test_dispose_members_equal_single_runs(tmp_path):
     chex.assert_trees_all_close({k: got[k] for k in keep}, {k: want[k] for k in keep},
                                 atol=1e-5)
   assert res["best"] == int(np.argmax([r["score"] for r in res["members"]]))
-  c.members = ({"seed": 1},)  # seed changes the shared transfer stage
-  with pytest.raises(UserError, match=r"sweep keys \['seed'\] change shapes"):
-    sweep_job.run(c, str(tmp_path / "refused"))
+  for key in ("seed", "weights.target"):  # both change the shared transfer stage
+    c.members = ({key: 1},)
+    with pytest.raises(UserError, match=rf"sweep keys \['{key}'\] change shapes"):
+      sweep_job.run(c, str(tmp_path / f"refused_{key}"))
 
 
 def test_fit_members_from_memory_estimates():

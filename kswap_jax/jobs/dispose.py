@@ -124,8 +124,10 @@ class Disposal:
                            (self.config.data.image_size,) * 2 + (self.config.data.channels,))
 
 
-def prepare(config: ml_collections.ConfigDict, run_dir: str) -> Disposal:
-  """Checks the config, loads (or pretrains) the source model and builds a `Disposal`."""
+def prepare(config: ml_collections.ConfigDict, run_dir: str,
+            mesh: jax.sharding.Mesh | None = None) -> Disposal:
+  """Checks the config, loads (or pretrains) the source model and builds a `Disposal` on
+  `mesh` (default: the mesh of config.mesh)."""
   method = dtl.check_method(config.method)
   if config.finetune not in FINETUNE:
     raise UserError(f"finetune={config.finetune!r} is not allowed; use one of {FINETUNE}")
@@ -133,7 +135,7 @@ def prepare(config: ml_collections.ConfigDict, run_dir: str) -> Disposal:
   if not pl_models or set(pl_models) - set(PL_MODELS):
     raise UserError(f"pl.models={pl_models} is not allowed; name some of {PL_MODELS}")
   data, tcfg, dcfg = config.data, config.train, config.dispose
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = mesh or sharding.make_mesh(config.mesh)
   params, model_cfg, src_labels = builders.initial_model(config, run_dir)
   tgt_labels = builders.label_space(data, config.target.dataset, config.target.classes,
                                     "target.classes")

@@ -2,7 +2,7 @@
 
 Members are the base config with the values of `members` / `grid` set (see kswap_jax.sweep).
 They share the pretrained model, the data and its order (from `base.seed`). Members train in
-chunks of `members_per_chunk` (0: all at once; -1: as many as fit 75% of a device's memory,
+chunks of `members_per_chunk` (0: all at once; -1: as many as fit 75% of a device's memory limit,
 estimated from XLA's memory analysis), each chunk resumable from workdir/chunk_<i>/. A
 chunk's members are split over the mesh axis `sweep` (`mesh.sweep` devices, each also
 splitting the batch over `mesh.data`).
@@ -107,8 +107,8 @@ def _run_swap(config, run_dir, assignments, configs) -> dict:
 def _run_dispose(config, run_dir, assignments, configs) -> dict:
   """One shared transfer stage, then the members' dispose stages vmapped, then PL attacks."""
   base = config.base
-  d = dispose_job.prepare(base, run_dir)
-  mesh = d.mesh
+  mesh = sharding.make_mesh(config.mesh)
+  d = dispose_job.prepare(base, run_dir, mesh)
   val = {n: (None, builders.example_set(base.data, base[n],
                                         builders.split_of(base.data, base[n], "val"),
                                         d.labels[n], n, subset=False))
@@ -174,6 +174,9 @@ def _train_chunks(config, run_dir, mesh, stages, initial_state, n: int, what: st
   already finished (their steps count in state["step"]).
   """
   devices = mesh.shape.get("sweep", 1)
+  if n % devices:
+    raise UserError(f"{n} members cannot split over mesh.sweep={devices} devices; give a "
+                    f"multiple of {devices} members or a smaller mesh.sweep")
   state_sharding = sharding.member_shardings(initial_state(0), mesh, sweep.STATE_AXES)
   size = config.members_per_chunk
   if size < 0:

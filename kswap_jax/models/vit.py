@@ -251,6 +251,8 @@ def make_model(cfg) -> ViT:
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(cfg.get("dtype", "float32"))
   if dtype is None:
     raise UserError(f"model.dtype={cfg.dtype!r} is not allowed; use 'float32' or 'bfloat16'")
+  if not 0.0 <= cfg.get("dropout", 0.0) < 1.0:
+    raise UserError(f"model.dropout={cfg.dropout} must be in [0, 1)")
   attention = cfg.get("attention", "einsum")
   if attention not in ATTENTION:
     raise UserError(f"model.attention={attention!r} is not allowed; use one of {ATTENTION}")
