@@ -108,6 +108,23 @@ def gs_lora_paper(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict, be
     c.eval_every_epochs = 1
 
 
+def sweep(method: str, base: ml_collections.ConfigDict, grid: dict,
+          runlocal: bool) -> ml_collections.ConfigDict:
+  """A `sweep` job config over `base`, a config of job `method` whose train split is held
+  apart from a validation split `train[90%:]` (pretraining included), so the best member is
+  chosen on validation. grid: config paths -> value tuples (their product is the members)."""
+  base.data.update(train_split="train[:90%]", val_split="train[90%:]")
+  if "pretrain" in base.init:
+    base.init.pretrain.data.train_split = "train[:90%]"
+  c = ml_collections.ConfigDict(dict(method=method, base=base,
+                                     grid=ml_collections.ConfigDict(grid)))
+  c.members = ()              # explicit members, e.g. ({"train.lr": 0.02},)
+  c.members_per_chunk = 0     # 0: all members in one program; -1: as many as fit memory
+  c = common(c, runlocal)
+  c.mesh.sweep = 1            # devices the members are split over (the rest split the batch)
+  return c
+
+
 def common(config: ml_collections.ConfigDict, runlocal: bool) -> ml_collections.ConfigDict:
   """Mesh, checkpointing and logging fields every job has."""
   # data=-1: all devices data-parallel; fsdp > 1 shards params by `rules` (kswap_jax.sharding).

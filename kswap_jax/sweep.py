@@ -7,6 +7,7 @@ and the batches are shared (in memory once).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from typing import Any, Callable
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kswap_jax import dtl, swap
+from kswap_jax import dtl, swap, train
 from kswap_jax.errors import UserError
 
 # Config paths a sweep may vary, per method (everything else is shared by all members).
@@ -141,6 +142,19 @@ def stack_states(states: list[dict]) -> dict:
 def member(tree: Any, i: int) -> Any:
   """Member i of a stacked pytree."""
   return jax.tree_util.tree_map(lambda x: x[i], tree)
+
+
+def member_step(loss_fn, tx, rng_impl: str, total_steps: int, steps_per_epoch: int) -> Callable:
+  """One member's update (`train.make_step`); its per-epoch cosine ends at
+  hparams["end_ratio"] (lr_end / lr), which may differ between members."""
+
+  def step(state, batches):
+    schedule = functools.partial(train.lr_factor, total_steps=total_steps,
+                                 steps_per_epoch=steps_per_epoch,
+                                 end_ratio=state["hparams"]["end_ratio"])
+    return train.make_step(loss_fn, tx, schedule, rng_impl)(state, batches)
+
+  return step
 
 
 def vmap_step(step: Callable) -> Callable:

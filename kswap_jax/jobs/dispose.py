@@ -78,24 +78,21 @@ class Disposal:
       out["source"] = pipeline.batch(self.sets["source"][0], src.positions(s), put)
     return out
 
-  def step(self, kind: str, ratio_in_hparams: bool = False):
-    """Uncompiled update of stage `kind`; its lr ends at lr_end (end ratio lr_end / lr from the
-    config, or from hparams["end_ratio"] with `ratio_in_hparams`, as sweep members need)."""
-    tcfg, dcfg = self.config.train, self.config.dispose
-    loss = dtl.disposal_loss(self.net, self.source_head,
+  def loss(self, kind: str) -> train.LossFn:
+    """Loss of stage `kind`: target CE, plus the method's source term in "dispose"."""
+    dcfg = self.config.dispose
+    return dtl.disposal_loss(self.net, self.source_head,
                              self.method if kind == "dispose" else "none",
                              num_splits=dcfg.num_splits, gc_params=dcfg.gc_params,
                              similarity=dcfg.similarity)
 
-    def step(state, batches):
-      ratio = (state["hparams"]["end_ratio"] if ratio_in_hparams
-               else tcfg.lr_end / tcfg.lr[kind])
-      schedule = functools.partial(train.lr_factor, total_steps=self.steps[kind],
-                                   end_ratio=ratio,
-                                   steps_per_epoch=self.samplers[0].steps_per_epoch)
-      return train.make_step(loss, self.tx, schedule, self.net.rng_impl)(state, batches)
-
-    return step
+  def step(self, kind: str):
+    """Uncompiled update of stage `kind`; its lr decays per epoch to train.lr_end."""
+    tcfg = self.config.train
+    schedule = functools.partial(train.lr_factor, total_steps=self.steps[kind],
+                                 end_ratio=tcfg.lr_end / tcfg.lr[kind],
+                                 steps_per_epoch=self.samplers[0].steps_per_epoch)
+    return train.make_step(self.loss(kind), self.tx, schedule, self.net.rng_impl)
 
   def start_dispose(self, state: dict, lr: float, weights: dict | None = None) -> dict:
     """The state the dispose stage starts from: fresh optimizer moments, its lr (and weights)."""

@@ -78,7 +78,8 @@ def _run_swap(config, run_dir, assignments, configs) -> dict:
     s["hparams"]["end_ratio"] = np.float32(configs[i].train.lr_end / configs[i].train.lr)
     return s
 
-  stages = [(kind, n, sweep.vmap_step(_member_step(net, base, kind, tx, n, per_epoch)), batches)
+  stages = [(kind, n, sweep.vmap_step(sweep.member_step(
+      swap.stage_loss(net, kind, base.sparse_group), tx, net.rng_impl, n, per_epoch)), batches)
             for kind, n, per_epoch, batches in swap_job.stage_inputs(
                 base, sets, sharding.data_sharding(mesh))]
   count_fn = _member_counts(net, len(labels))
@@ -133,7 +134,9 @@ def _run_dispose(config, run_dir, assignments, configs) -> dict:
 
   # The transfer stage is done in every chunk's state; the loop starts at the dispose stage.
   stages = [("transfer", d.steps["transfer"], None, None),
-            ("dispose", d.steps["dispose"], sweep.vmap_step(d.step("dispose", True)),
+            ("dispose", d.steps["dispose"], sweep.vmap_step(sweep.member_step(
+                d.loss("dispose"), d.tx, d.net.rng_impl, d.steps["dispose"],
+                d.samplers[0].steps_per_epoch)),
              functools.partial(d.batches, with_source=d.method != "none"))]
   rows, trainable = [], []
   for idx, state in _train_chunks(config, run_dir, mesh, stages[1:], initial_state,
@@ -229,19 +232,6 @@ def _fitting_chunk(steps, batches, initial_state, n: int, devices: int) -> int:
   say(f"memory: {need[0] / 2**20:.0f} MiB for one member, +{(need[1] - need[0]) / 2**20:.0f} "
       f"MiB per further member, budget {budget / 2**30:.1f} GiB per device -> chunks of {size}")
   return size
-
-
-def _member_step(net: train.Network, base: ml_collections.ConfigDict, kind: str, tx,
-                 steps: int, per_epoch: int):
-  """One member's update; its lr schedule ends at lr_end (hparams["end_ratio"] = lr_end / lr)."""
-  loss_fn = swap.stage_loss(net, kind, base.sparse_group)
-
-  def step(state, batches):
-    schedule = functools.partial(train.lr_factor, total_steps=steps, steps_per_epoch=per_epoch,
-                                 end_ratio=state["hparams"]["end_ratio"])
-    return train.make_step(loss_fn, tx, schedule, net.rng_impl)(state, batches)
-
-  return step
 
 
 def _member_counts(net: train.Network, num_classes: int):
