@@ -223,12 +223,22 @@ def start_task(state: dict, params: dict, lora: dict, trainable: str, tx,
   return out
 
 
-def keep_best(state: dict, h: float) -> dict:
-  """Stores a copy of the current trainable tree as the best if `h` is at least the best's."""
-  if h < float(state["best"]["h"]):
+def keep_best(state: dict, h) -> dict:
+  """Stores the current trainable tree as the best where `h` is at least the best's.
+
+  h: a float, or (N,) one score per member of a sweep's stacked state.
+  """
+  h = np.asarray(h, np.float64)
+  better = h >= np.asarray(state["best"]["h"], np.float64)
+  if not better.any():
     return state
-  return {**state, "best": {"trainable": jax.tree.map(jnp.copy, state["trainable"]),
-                            "h": jnp.asarray(h, jnp.float32)}}
+
+  def pick(new, old):
+    return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - better.ndim)), new, old)
+
+  return {**state, "best": {
+      "trainable": jax.tree.map(pick, state["trainable"], state["best"]["trainable"]),
+      "h": jnp.asarray(np.where(better, h, state["best"]["h"]), jnp.float32)}}
 
 
 def group_report(lora: dict, group: str) -> dict[str, Any]:

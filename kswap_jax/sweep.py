@@ -3,7 +3,9 @@
 Members differ only in values that keep every array shape and the compiled program the same
 (learning rate, weight decay, loss weights, bound, seed), so their trainable params, optimizer
 states, hparams and rng keys stack along a leading member axis while the frozen base params
-and the batches are shared (in memory once).
+and the batches are shared (in memory once). In continual forgetting each task merges the
+members' own LoRAs into their models, so the merged kernels become per-member
+`member_params`; every other frozen param stays shared.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kswap_jax import dtl, swap, train
+from kswap_jax import continual, dtl, swap, train
 from kswap_jax.errors import UserError
 
 # Config paths a sweep may vary, per method (everything else is shared by all members).
@@ -27,11 +29,14 @@ SWEEPABLE = {
     # values of the dispose stage only: every member shares one transfer stage
     "dispose": ("train.lr.dispose",
                 *(f"weights.{k}" for k in dtl.HPARAMS if k != "target")),
+    # weights.beta: a number or one value per task
+    "forget": ("seed", "train.lr", "train.weight_decay",
+               *(f"weights.{k}" for k in continual.HPARAMS)),
 }
 
-# vmap axes of the train state (a pytree prefix): member-stacked vs shared entries.
-STATE_AXES = {"params": None, "trainable": 0, "opt": 0, "hparams": 0, "rng": 0, "step": None,
-              "stage_step": None}
+# vmap axes of train state entries: member-stacked (0) vs shared (None).
+STATE_AXES = {"params": None, "member_params": 0, "trainable": 0, "opt": 0, "hparams": 0,
+              "rng": 0, "step": None, "stage_step": None, "best": 0, "protos": 0}
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -75,15 +80,16 @@ def check_keys(assignments: list[dict], method: str) -> None:
 
 def member_config(base: ml_collections.ConfigDict, assignment: dict[str, Any],
                   ) -> ml_collections.ConfigDict:
-  """A copy of `base` with each "a.b" path of `assignment` set (types kept: 1 -> 1.0)."""
-  c = ml_collections.ConfigDict(base.to_dict())
+  """A copy of `base` with each "a.b" path of `assignment` set (a float field stays a float:
+  1 -> 1.0; a per-task list field also takes one number for every task)."""
+  d = base.to_dict()
   for path, value in assignment.items():
     *parents, leaf = path.split(".")
-    node = c
+    node = d
     for p in parents:
       node = node[p]
-    node[leaf] = type(node[leaf])(value)
-  return c
+    node[leaf] = float(value) if isinstance(node[leaf], float) else value
+  return ml_collections.ConfigDict(d)
 
 
 def chunks(n: int, size: int) -> list[range]:
@@ -135,8 +141,8 @@ def stack_states(states: list[dict]) -> dict:
 
   Members must share their frozen params (the caller's check).
   """
-  return {k: stack([s[k] for s in states]) if STATE_AXES[k] == 0 else states[0][k]
-          for k in STATE_AXES}
+  return {k: stack([s[k] for s in states]) if STATE_AXES[k] == 0 else v
+          for k, v in states[0].items()}
 
 
 def member(tree: Any, i: int) -> Any:
@@ -157,15 +163,37 @@ def member_step(loss_fn, tx, rng_impl: str, total_steps: int, steps_per_epoch: i
   return step
 
 
+def with_member_params(step: Callable) -> Callable:
+  """A member's step on its full model: shared `params` combined with its `member_params`."""
+
+  def stepped(state, batches):
+    own = {**state, "params": train.combine(state["params"], state["member_params"])}
+    new, metrics = step(own, batches)
+    return {**new, "params": state["params"]}, metrics
+
+  return stepped
+
+
+def member_counts(counts: Callable) -> Callable:
+  """`train.correct_counts` per member: ((shared, stacked member_params), stacked trainable,
+  batch) -> (correct, count), each (N, K)."""
+
+  def one(params, t, batch):
+    full = train.combine(train.combine(*params), t["params"])
+    return counts(full, t["lora"], batch)
+
+  return jax.jit(jax.vmap(one, in_axes=((None, 0), 0, None)))
+
+
 def vmap_step(step: Callable) -> Callable:
   """One member's step -> (stacked state, batches) -> (stacked state, summary metrics).
 
   Progress lines show the members' mean of each metric and their worst loss (`loss_max`).
   """
-  vstep = jax.vmap(step, in_axes=(STATE_AXES, None), out_axes=(STATE_AXES, 0))
 
   def stepped(state, batches):
-    state, metrics = vstep(state, batches)
+    axes = {k: STATE_AXES[k] for k in state}
+    state, metrics = jax.vmap(step, in_axes=(axes, None), out_axes=(axes, 0))(state, batches)
     return state, {**{k: v.mean() for k, v in metrics.items()}, "loss_max": metrics["loss"].max()}
 
   return stepped

@@ -268,6 +268,12 @@ def test_keep_best_and_group_report():
   kept = continual.keep_best(state, 10.0)
   np.testing.assert_array_equal(continual.chosen(kept)["lora"]["x"], [1.0, 1.0])
   assert float(kept["best"]["h"]) == 10.0
+  members = {"trainable": {"lora": {"x": jnp.ones((3, 2))}, "params": {}},
+             "best": {"trainable": {"lora": {"x": jnp.zeros((3, 2))}, "params": {}},
+                      "h": jnp.asarray([10.0, 10.0, 10.0])}}
+  kept = continual.keep_best(members, np.array([9.0, 10.0, 11.0]))
+  np.testing.assert_array_equal(kept["best"]["trainable"]["lora"]["x"], [[0, 0], [1, 1], [1, 1]])
+  np.testing.assert_array_equal(kept["best"]["h"], [10.0, 10.0, 11.0])
   lora = {"Transformer": {f"encoderblock_{i}": {"MlpBlock_0": {"Dense_0": {
       "A": jnp.full((2, 1), v), "B": jnp.zeros((1, 2))}}} for i, v in enumerate([1.0, 0.0, 2.0])}}
   rep = continual.group_report(lora, "block")

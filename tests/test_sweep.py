@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import chex
 import jax
@@ -13,7 +14,7 @@ from ml_collections import config_flags
 from kswap_jax import lora as lora_lib
 from kswap_jax import config_lib, sharding, sweep, train, workdir
 from kswap_jax.errors import UserError
-from kswap_jax.jobs import dispose
+from kswap_jax.jobs import dispose, forget
 from kswap_jax.jobs import swap as swap_job
 from kswap_jax.jobs import sweep as sweep_job
 
@@ -64,6 +65,58 @@ def test_members_equal_single_runs(swept, tmp_path):
   assert meta["sweep_member"]["member"] == res["best"]
   assert res["best"] == int(np.argmax([sweep.score(r) for r in res["members"]]))
   assert best["head"]["kernel"].shape[-1] == 10
+
+
+# Learning rates high enough that the tiny model forgets within a few steps, so validation H
+# differs between epochs and the best-LoRA choice matters.
+FORGET_MEMBERS = ({"weights.beta": 0.5, "weights.bound": 5.0, "weights.w_f": 0.2,
+                   "train.lr": 5e-2},
+                  {"weights.beta": [0.5, 2.0], "train.lr": 2e-2, "weights.alpha": 1e-2})
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_forget_members_equal_single_runs_after_a_resume(tmp_path):
+  """GS-LoRA++ (per-member prototypes, merged models and best-LoRA selection), interrupted
+  inside task 1 and resumed; each member then equals its own `forget` run."""
+  c = config_lib.load(os.path.join(ROOT, "configs", "sweep_forget_digits.py"),
+                      "runlocal,method=gs_lora_pp")
+  c.base.sets.retain.per_class = 4  # tasks of 12 and 9 steps, LoRA chosen after each epoch
+  c.base.train.epochs = 3
+  c.base.init.pretrain.checkpoint.every_steps = 0
+  c.grid = {}
+  c.members = FORGET_MEMBERS
+  c.checkpoint.every_steps = 1
+  save = workdir.Checkpoints.maybe_save
+
+  def crash_after_step_15(self, step, state, force=False):
+    save(self, step, state, force)
+    if step == 15 and "chunk_0" in str(self.manager.directory):  # inside task 1 (steps 13-21)
+      self.manager.wait_until_finished()
+      raise _Interrupt
+
+  with mock.patch.object(workdir.Checkpoints, "maybe_save", crash_after_step_15):
+    with pytest.raises(_Interrupt):
+      sweep_job.run(c, str(tmp_path / "sweep"))
+  res = sweep_job.run(c, str(tmp_path / "sweep"))
+  base = c.base
+  base.init.checkpoint = str(tmp_path / "sweep" / "pretrain")
+  for i, assignment in enumerate(FORGET_MEMBERS):
+    single = forget.run(sweep.member_config(base, assignment), str(tmp_path / str(i)))
+    row = res["members"][i]
+    for got, want in zip(row["tasks"], single["tasks"]):
+      for k in ("acc_r", "acc_f", "acc_o", "acc_f_before", "H", "val_H"):
+        np.testing.assert_allclose(got[k], want[k], atol=1e-5, equal_nan=True, err_msg=k)
+    assert row["H"] == pytest.approx(np.mean([r["H"] for r in single["tasks"]]))
+    alone, _ = workdir.load_model(str(tmp_path / str(i) / "task_1" / "model"))
+    if i == res["best"]:
+      best, meta = workdir.load_model(str(tmp_path / "sweep" / "best"))
+      chex.assert_trees_all_close(best, alone, atol=1e-5)
+      assert meta["sweep_member"]["member"] == i
+  assert res["best"] == int(np.argmax([r["val_H"] for r in res["members"]]))
+  assert os.path.exists(tmp_path / "sweep" / "pareto.png")
 
 
 def test_chunks_equal_one_chunk(swept, tmp_path):

@@ -22,6 +22,7 @@ model (LoRA merged) in workdir/best/model, usable as `init.checkpoint` of other 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -30,17 +31,20 @@ import matplotlib
 import ml_collections
 import numpy as np
 
-from kswap_jax import builders, dtl, loop, sharding, swap, sweep, train, workdir
+from kswap_jax import builders, continual, dtl, loop, sharding, swap, sweep, train, workdir
 from kswap_jax import lora as lora_lib
 from kswap_jax.errors import UserError
 from kswap_jax.jobs import dispose as dispose_job
+from kswap_jax.jobs import forget as forget_job
 from kswap_jax.jobs import swap as swap_job
+from kswap_jax.metrics import h_mean, set_accuracy
 from kswap_jax.progress import say, table
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SETS = ("retain", "forget", "learn")
+ACCS_CF = ("acc_r", "acc_f", "acc_o")  # continual forgetting: retained, this task's, earlier
 
 
 def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
@@ -54,7 +58,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   if config.mesh.get("rules"):
     raise UserError("a sweep places its stacked state by member (mesh.sweep); remove mesh.rules")
   configs = [sweep.member_config(config.base, a) for a in assignments]
-  return {"swap": _run_swap, "dispose": _run_dispose}[config.method](
+  return {"swap": _run_swap, "dispose": _run_dispose, "forget": _run_forget}[config.method](
       config, run_dir, assignments, configs)
 
 
@@ -82,7 +86,7 @@ def _run_swap(config, run_dir, assignments, configs) -> dict:
       swap.stage_loss(net, kind, base.sparse_group), tx, net.rng_impl, n, per_epoch)), batches)
             for kind, n, per_epoch, batches in swap_job.stage_inputs(
                 base, sets, sharding.data_sharding(mesh))]
-  count_fn = _member_counts(net, len(labels))
+  count_fn = sweep.member_counts(train.correct_counts(net, len(labels)))
   rows, trainable = [], []
   for idx, state in _train_chunks(config, run_dir, mesh, stages, initial_state, len(configs),
                                   f"{config.method}, {base.order}"):
@@ -170,11 +174,136 @@ def _run_dispose(config, run_dir, assignments, configs) -> dict:
   return {**results, "pl_reference": floor, "trainable": trainable}
 
 
-def _train_chunks(config, run_dir, mesh, stages, initial_state, n: int, what: str, done=()):
+def _run_forget(config, run_dir, assignments, configs) -> dict:
+  """Continual forgetting: the members' tasks vmapped, each member with its own merged model
+  and its own best-LoRA selection (validation H, `select_best`)."""
+  base = config.base
+  mesh = sharding.make_mesh(config.mesh)
+  f = forget_job.prepare(base, run_dir, mesh, with_val=True)
+  # The kernels a task's LoRA merge changes are each member's own; other frozen params stay
+  # shared (trained params are per member in "trainable").
+  own_regex = f"(?:{base.lora.targets})/kernel" if f.method.lora else ""
+  counts = sweep.member_counts(f.counts)
+
+  def split(state):
+    shared, own = train.partition(state["params"], own_regex)
+    return {**state, "params": shared, "member_params": own}
+
+  def initial_state(i):
+    s = f.initial_state(configs[i])
+    s["hparams"]["end_ratio"] = np.float32(configs[i].train.lr_end / configs[i].train.lr)
+    return split(s)
+
+  @jax.jit
+  @functools.partial(jax.vmap, in_axes=(None, 0, 0))
+  def fold(shared, own, chosen):
+    """Each member's own kernels with its chosen LoRA merged in."""
+    merged = lora_lib.merge(train.combine(shared, own), chosen["lora"], f.net.lora_scale)
+    return train.partition(merged, own_regex)[1]
+
+  def task_accs(params, model, examples, task) -> list[dict]:
+    """Each member's Acc_r / Acc_f / Acc_o (and its per-class counts) on `examples`."""
+    correct, count = train.evaluate(counts, params, model, examples,
+                                    base.data.eval_batch_size, mesh)
+    return [{**forget_job.task_accuracies(c, n, task), "counts": (c, n)}
+            for c, n in zip(correct, count)]
+
+  def merged(state):
+    """((shared, each member's merged kernels), trainable of the merged models)."""
+    chosen = continual.chosen(state)
+    return ((state["params"], fold(state["params"], state["member_params"], chosen)),
+            {"params": chosen["params"], "lora": {}})
+
+  state_sharding = sharding.member_shardings(initial_state(0), mesh, sweep.STATE_AXES)
+  recs = {}  # first member of a chunk -> its per-task rows
+
+  def chunk_stages(idx, chunk_dir, stages):
+    path = os.path.join(chunk_dir, "results.json")
+    rec = recs[idx.start] = workdir.read_json(path, {"tasks": {}})  # task -> member -> row
+
+    def begin(state, t, task):
+      params, model = merged(state)
+      test, val = (task_accs(params, model, s, task) for s in (f.test_set, f.val_set))
+      rec["tasks"][str(t)] = {str(j): {**{f"{k}_before": test[j][k] for k in ACCS_CF},
+                                       **{f"val_{k}_before": val[j][k] for k in ACCS_CF}}
+                              for j in range(len(idx))}
+      workdir.write_json(path, rec)
+      shared, own = params
+      states = []
+      for j, i in enumerate(idx):
+        one = {k: sweep.member(v, j) if sweep.STATE_AXES[k] == 0 else v
+               for k, v in state.items() if k != "member_params"}
+        full = train.combine(train.combine(shared, sweep.member(own, j)),
+                             sweep.member(model["params"], j))
+        states.append(split(f.start({**one, "params": full}, full, t, configs[i])))
+      return jax.device_put(sweep.stack_states(states), state_sharding)
+
+    def end(state, t, task):
+      params, model = merged(state)
+      test, val = (task_accs(params, model, s, task) for s in (f.test_set, f.val_set))
+      gone = task.old + task.forget
+      for j in range(len(idx)):
+        r = rec["tasks"][str(t)][str(j)]
+        r.update({k: test[j][k] for k in ACCS_CF},
+                 acc_forgotten=set_accuracy(*test[j]["counts"], gone),
+                 H=h_mean(test[j]["acc_r"], r["acc_f_before"], test[j]["acc_f"]),
+                 val_H=h_mean(val[j]["acc_r"], r["val_acc_f_before"], val[j]["acc_f"]))
+      workdir.write_json(path, rec)
+      say(table([{"member": i, **rec["tasks"][str(t)][str(j)]} for j, i in enumerate(idx)],
+                ["member", "acc_r", "acc_f_before", "acc_f", "acc_o", "H", "val_H"]))
+
+    def select(state, batches, *, t, task, step_fn):
+      s, data = batches
+      state, metrics = step_fn(state, data)
+      if f.eval_now(t, s):
+        accs = task_accs((state["params"], state["member_params"]), state["trainable"],
+                         f.val_set, task)
+        h = [h_mean(a["acc_r"], rec["tasks"][str(t)][str(j)]["val_acc_f_before"], a["acc_f"])
+             for j, a in enumerate(accs)]
+        state = jax.device_put(continual.keep_best(state, h), state_sharding)
+      return state, metrics
+
+    return [dataclasses.replace(st, step=functools.partial(select, t=t, task=task,
+                                                           step_fn=st.step),
+                                batches=functools.partial(f.batches, t),
+                                begin=functools.partial(begin, t=t, task=task),
+                                end=functools.partial(end, t=t, task=task))
+            for t, (task, st) in enumerate(zip(f.tasks, stages))]
+
+  stages = [(f"task {t}", f.steps(t), sweep.vmap_step(sweep.with_member_params(
+      forget_job.with_context(sweep.member_step(f.loss(t), f.tx, f.net.base.rng_impl,
+                                                f.steps(t),
+                                                f.samplers[t][0].steps_per_epoch)))),
+             lambda s, t=t: f.batches(t, s)[1]) for t in range(len(f.tasks))]
+  rows, models = [], []
+  for idx, state in _train_chunks(config, run_dir, mesh, stages, initial_state, len(configs),
+                                  f"{config.method}, {base.method}", chunk_stages=chunk_stages):
+    rec = recs[idx.start]
+    (shared, own), model = jax.device_get(merged(state))
+    for j, i in enumerate(idx):
+      tasks = [rec["tasks"][str(t)][str(j)] for t in range(len(f.tasks))]
+      last = tasks[-1]
+      rows.append({"member": i, **assignments[i],
+                   **{k: last[k] for k in (*ACCS_CF, "acc_forgotten")},
+                   "H": float(np.mean([r["H"] for r in tasks])),
+                   "val_H": float(np.mean([r["val_H"] for r in tasks])),
+                   "score": float(np.mean([r["val_H"] for r in tasks])), "tasks": tasks})
+      models.append(train.combine(train.combine(shared, sweep.member(own, j)),
+                                  sweep.member(model["params"], j)))
+
+  return _finish(run_dir, rows, assignments, "mean val H over tasks",
+                 ["acc_r", "acc_f", "acc_o", "acc_forgotten", "H", "val_H"],
+                 lambda b: models[b], f.model_cfg, f.labels, ("acc_r", "Acc_r"),
+                 ("acc_forgotten", "Acc on all forgotten classes"), ("H", "mean H"))
+
+
+def _train_chunks(config, run_dir, mesh, stages, initial_state, n: int, what: str, done=(),
+                  chunk_stages=None):
   """Yields (member indices, trained stacked state) per chunk of members.
 
   stages: (name, steps, vmapped step, batches) to train; done: stages every member state has
-  already finished (their steps count in state["step"]).
+  already finished (their steps count in state["step"]); chunk_stages(idx, chunk_dir,
+  loop stages) -> loop stages: a chunk's own begin / end / step hooks around the compiled steps.
   """
   devices = mesh.shape.get("sweep", 1)
   if n % devices:
@@ -200,7 +329,8 @@ def _train_chunks(config, run_dir, mesh, stages, initial_state, n: int, what: st
     chunk_dir = os.path.join(run_dir, f"chunk_{c}")
     ckpts = workdir.Checkpoints(os.path.join(chunk_dir, "checkpoints"),
                                 config.checkpoint.every_steps, config.checkpoint.keep)
-    yield idx, loop.run(state, loop_stages, ckpts, chunk_dir, config.log_every)
+    own = chunk_stages(idx, chunk_dir, loop_stages) if chunk_stages else loop_stages
+    yield idx, loop.run(state, own, ckpts, chunk_dir, config.log_every)
 
 
 def _finish(run_dir, rows, assignments, score, columns, best_model, model_cfg, labels,
@@ -234,17 +364,10 @@ def _fitting_chunk(steps, batches, initial_state, n: int, devices: int) -> int:
   return size
 
 
-def _member_counts(net: train.Network, num_classes: int):
-  """Jitted (frozen, stacked trainable, batch) -> per-member (correct, count), each (N, K)."""
-  counts = train.correct_counts(net, num_classes)
-  return jax.jit(jax.vmap(lambda frozen, t, b: counts(train.combine(frozen, t["params"]),
-                                                      t["lora"], b), in_axes=(None, 0, None)))
-
-
 def _accuracy(count_fn, state, examples, base, mesh) -> np.ndarray:
   """Top-1 (%) of each member on `examples`, (N,)."""
-  correct, count = train.evaluate(count_fn, state["params"], state["trainable"], examples,
-                                  base.data.eval_batch_size, mesh)
+  correct, count = train.evaluate(count_fn, (state["params"], {}), state["trainable"],
+                                  examples, base.data.eval_batch_size, mesh)
   return 100 * correct.sum(-1) / count.sum(-1)
 
 
