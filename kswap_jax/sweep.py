@@ -67,15 +67,23 @@ def expand(grid, members) -> list[dict[str, Any]]:
   return out
 
 
-def check_keys(assignments: list[dict], method: str) -> None:
-  """Refuses keys that would change shapes or the program (e.g. lora.rank, order)."""
+def groups(assignments: list[dict], method: str, base: ml_collections.ConfigDict,
+           ) -> list[tuple[dict[str, Any], list[int]]]:
+  """Members grouped by their values of keys outside SWEEPABLE[method] (rank, batch size,
+  order, targets, ...), which change shapes or a stage the members share: [(those values,
+  member indices)], in order of first appearance. Each group trains as its own program."""
   if method not in SWEEPABLE:
-    raise UserError(f"method={method!r} cannot be swept yet; use one of {sorted(SWEEPABLE)}")
-  bad = sorted({k for a in assignments for k in a} - set(SWEEPABLE[method]))
-  if bad:
-    raise UserError(f"sweep keys {bad} change shapes, the compiled program or a stage the "
-                    f"members share, so members could not train together; sweep only "
-                    f"{list(SWEEPABLE[method])}, and run other choices as separate jobs")
+    raise UserError(f"method={method!r} cannot be swept; use one of {sorted(SWEEPABLE)}")
+  paths = set(flatten(base))
+  unknown = sorted({k for a in assignments for k in a} - paths - set(SWEEPABLE[method]))
+  if unknown:
+    raise UserError(f"sweep keys {unknown} are not fields of the base config; use paths such "
+                    f"as {list(SWEEPABLE[method])[:3]} or 'lora.rank'")
+  out: dict[str, tuple[dict, list[int]]] = {}
+  for i, a in enumerate(assignments):
+    fixed = {k: v for k, v in a.items() if k not in SWEEPABLE[method]}
+    out.setdefault(repr(sorted(fixed.items())), (fixed, []))[1].append(i)
+  return list(out.values())
 
 
 def member_config(base: ml_collections.ConfigDict, assignment: dict[str, Any],

@@ -119,6 +119,7 @@ class Forgetting:
 
   def initial_state(self, config: ml_collections.ConfigDict) -> dict:
     """Task 0's state for `config` (this run's, or a sweep member's): its lr, weights, seed."""
+    self.check_weights(config)
     tcfg, wcfg = config.train, config.weights
     hparams = {"lr": tcfg.lr, "weight_decay": tcfg.weight_decay,
                **{h: wcfg[h] for h in continual.HPARAMS if h != "beta"},
@@ -132,6 +133,11 @@ class Forgetting:
     if self.method.prototypes:
       state["protos"] = jnp.zeros((len(self.labels), self.embedding_dim()), jnp.float32)
     return state
+
+  def check_weights(self, config: ml_collections.ConfigDict) -> None:
+    """Refuses a per-task weights.beta list without a value for every task, before training."""
+    for t in range(len(self.tasks)):
+      continual.task_value(config.weights.beta, t, "weights.beta")
 
   def embedding_dim(self) -> int:
     data = self.config.data

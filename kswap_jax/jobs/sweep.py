@@ -1,7 +1,9 @@
-"""`sweep`: many runs of one method (`swap` or `dispose`) trained as one vmapped program.
+"""`sweep`: many runs of one method (`swap`, `dispose` or `forget`) trained as one vmapped program.
 
 Members are the base config with the values of `members` / `grid` set (see kswap_jax.sweep).
-They share the pretrained model, the data and its order (from `base.seed`). Members train in
+They share the pretrained model, the data and its order (from `base.seed`). Values of keys
+outside `sweep.SWEEPABLE` (rank, batch size, order, method, ...) split the members into
+groups, each trained as its own program in workdir/group_<g>/, one after another. Members train in
 chunks of `members_per_chunk` (0: all at once; -1: as many as fit 75% of a device's memory limit,
 estimated from XLA's memory analysis), each chunk resumable from workdir/chunk_<i>/. A
 chunk's members are split over the mesh axis `sweep` (`mesh.sweep` devices, each also
@@ -13,9 +15,15 @@ Acc_R + Acc_L - Acc_F on validation; pareto.png plots test Acc_F against Acc_R.
 dispose: one transfer stage is shared (workdir/transfer/), then each member's dispose stage
 (its lr and loss weights); every PL attack of `pl.attacks` then runs on each member's released
 model, against the unscrubbed and random models attacked once. Rows hold target and
-source-head accuracy (test and validation), PL accuracy and leakage per attack; the score is
-validation target accuracy - 100 x mean leakage; pareto.png plots leakage against target
-accuracy.
+source-head accuracy (test and validation), and per attack the PL accuracy of the member and
+of the two reference models, and the leakage; the score is validation target accuracy -
+100 x mean leakage; pareto.png plots leakage against target accuracy.
+forget: every task of every member runs vmapped; each task merges a member's chosen LoRA
+into its own copy of the LoRA-target kernels (`member_params`, the rest stays shared), and
+each member keeps its own best LoRA per task (validation H) and its own class prototypes.
+Rows hold per-task test Acc_r / Acc_f / Acc_o / H and validation H (`tasks`), the last task's
+accuracies and the accuracy on every forgotten class; the score is the mean validation H over
+tasks; pareto.png plots the accuracy on forgotten classes against Acc_r.
 
 Writes workdir/sweep.json (one row per member), workdir/pareto.png and the best member's
 model (LoRA merged) in workdir/best/model, usable as `init.checkpoint` of other jobs.
@@ -25,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from typing import Callable
 
 import jax
 import matplotlib
@@ -33,6 +42,7 @@ import numpy as np
 
 from kswap_jax import builders, continual, dtl, loop, sharding, swap, sweep, train, workdir
 from kswap_jax import lora as lora_lib
+from kswap_jax.data import pipeline
 from kswap_jax.errors import UserError
 from kswap_jax.jobs import dispose as dispose_job
 from kswap_jax.jobs import forget as forget_job
@@ -47,19 +57,59 @@ SETS = ("retain", "forget", "learn")
 ACCS_CF = ("acc_r", "acc_f", "acc_o")  # continual forgetting: retained, this task's, earlier
 
 
+@dataclasses.dataclass
+class _Trained:
+  """A group's members after training: rows ("member": index in the group), model(j) -> the
+  released params of member j, and each member's final trainable tree (swap, dispose)."""
+  rows: list[dict]
+  model: Callable[[int], dict]
+  model_cfg: ml_collections.ConfigDict
+  labels: pipeline.LabelSpace
+  trainable: list | None = None
+
+
 def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   """Trains every member; returns {"members": rows, "best": index, "trainable": per member}.
 
-  "trainable" (each member's final {"lora", "params"}, host arrays) is not saved.
+  "trainable" (each member's final {"lora", "params"}, host arrays; swap and dispose) is not
+  saved.
   """
   workdir.check_config(run_dir, config)
   assignments = sweep.expand(config.get("grid"), config.get("members"))
-  sweep.check_keys(assignments, config.method)
+  groups = sweep.groups(assignments, config.method, config.base)
   if config.mesh.get("rules"):
     raise UserError("a sweep places its stacked state by member (mesh.sweep); remove mesh.rules")
-  configs = [sweep.member_config(config.base, a) for a in assignments]
-  return {"swap": _run_swap, "dispose": _run_dispose, "forget": _run_forget}[config.method](
-      config, run_dir, assignments, configs)
+  runner = {"swap": _run_swap, "dispose": _run_dispose, "forget": _run_forget}[config.method]
+  bases = [sweep.member_config(config.base, fixed) for fixed, _ in groups]
+  if len(groups) > 1:
+    _share_pretraining(config.base, bases, run_dir)
+  rows, trained = [None] * len(assignments), [None] * len(assignments)
+  for g, ((fixed, idx), base) in enumerate(zip(groups, bases)):
+    gcfg = ml_collections.ConfigDict(config.to_dict())
+    gcfg.base = base
+    gdir = run_dir if len(groups) == 1 else os.path.join(run_dir, f"group_{g}")
+    if len(groups) > 1:
+      say(f"group {g} of {len(groups)}: {fixed or 'base values'}, {len(idx)} members")
+    out = runner(gcfg, gdir, [assignments[i] for i in idx],
+                 [sweep.member_config(config.base, assignments[i]) for i in idx])
+    for j, i in enumerate(idx):
+      rows[i] = {**out.rows[j], "member": i}
+      trained[i] = (out, j)
+  results = _finish(run_dir, rows, assignments, config, trained)
+  if trained[0][0].trainable is not None:
+    results["trainable"] = [out.trainable[j] for out, j in trained]
+  return results
+
+
+def _share_pretraining(base, bases, run_dir) -> None:
+  """Groups whose init is the base's pretraining share one run of it in run_dir/pretrain."""
+  if base.init.get("checkpoint") or "pretrain" not in base.init:
+    return
+  same = [b for b in bases if b.init.to_dict() == base.init.to_dict()]
+  if same:
+    builders.initial_model(base, run_dir)
+    for b in same:
+      b.init.checkpoint = os.path.join(run_dir, "pretrain")
 
 
 def _run_swap(config, run_dir, assignments, configs) -> dict:
@@ -102,11 +152,7 @@ def _run_swap(config, run_dir, assignments, configs) -> dict:
     return lora_lib.merge(train.combine(frozen, trainable[b]["params"]), trainable[b]["lora"],
                           net.lora_scale)
 
-  results = _finish(run_dir, rows, assignments, "val Acc_R + val Acc_L - val Acc_F",
-                    ["acc_r", "acc_f", "acc_l", "val_acc_r", "val_acc_f", "val_acc_l"],
-                    best_model, model_cfg, labels, ("acc_r", "Acc_R"), ("acc_f", "Acc_F"),
-                    ("acc_l", "Acc_L"))
-  return {**results, "trainable": trainable}
+  return _Trained(rows, best_model, model_cfg, labels, trainable)
 
 
 def _run_dispose(config, run_dir, assignments, configs) -> dict:
@@ -153,7 +199,8 @@ def _run_dispose(config, run_dir, assignments, configs) -> dict:
       scrubbed = d.released(one)
       for variant, attack in attacks.items():
         pl = attack(scrubbed)
-        row[f"pl_{variant}"] = pl
+        row.update({f"pl_{variant}": pl, f"pl_unscrubbed_{variant}": floor[variant]["unscrubbed"],
+                    f"pl_random_{variant}": floor[variant]["random"]})
         row[f"leakage_{variant}"] = dtl.leakage(pl, floor[variant]["unscrubbed"],
                                                 floor[variant]["random"])
       leaks = [row[f"leakage_{v}"] for v in attacks if row[f"leakage_{v}"] == row[f"leakage_{v}"]]
@@ -166,12 +213,7 @@ def _run_dispose(config, run_dir, assignments, configs) -> dict:
   def best_model(b):
     return d.released({"params": frozen, "trainable": trainable[b]})
 
-  results = _finish(run_dir, rows, assignments, "val target acc - 100 x mean PL leakage",
-                    ["target_acc", "source_acc", "val_target_acc",
-                     *(f"pl_{v}" for v in attacks), "leakage"],
-                    best_model, d.tgt_cfg, d.labels["target"],
-                    ("target_acc", "target accuracy"), ("leakage", "PL leakage"), None)
-  return {**results, "pl_reference": floor, "trainable": trainable}
+  return _Trained(rows, best_model, d.tgt_cfg, d.labels["target"], trainable)
 
 
 def _run_forget(config, run_dir, assignments, configs) -> dict:
@@ -180,6 +222,8 @@ def _run_forget(config, run_dir, assignments, configs) -> dict:
   base = config.base
   mesh = sharding.make_mesh(config.mesh)
   f = forget_job.prepare(base, run_dir, mesh, with_val=True)
+  for c in configs:
+    f.check_weights(c)
   # The kernels a task's LoRA merge changes are each member's own; other frozen params stay
   # shared (trained params are per member in "trainable").
   own_regex = f"(?:{base.lora.targets})/kernel" if f.method.lora else ""
@@ -291,10 +335,7 @@ def _run_forget(config, run_dir, assignments, configs) -> dict:
       models.append(train.combine(train.combine(shared, sweep.member(own, j)),
                                   sweep.member(model["params"], j)))
 
-  return _finish(run_dir, rows, assignments, "mean val H over tasks",
-                 ["acc_r", "acc_f", "acc_o", "acc_forgotten", "H", "val_H"],
-                 lambda b: models[b], f.model_cfg, f.labels, ("acc_r", "Acc_r"),
-                 ("acc_forgotten", "Acc on all forgotten classes"), ("H", "mean H"))
+  return _Trained(rows, lambda j: models[j], f.model_cfg, f.labels)
 
 
 def _train_chunks(config, run_dir, mesh, stages, initial_state, n: int, what: str, done=(),
@@ -333,17 +374,36 @@ def _train_chunks(config, run_dir, mesh, stages, initial_state, n: int, what: st
     yield idx, loop.run(state, own, ckpts, chunk_dir, config.log_every)
 
 
-def _finish(run_dir, rows, assignments, score, columns, best_model, model_cfg, labels,
-            x, y, colour) -> dict:
-  """Writes sweep.json, prints the table, exports the best member and draws the Pareto plot."""
+def _report(config) -> tuple:
+  """(score text, table columns, Pareto x, y, colour as (row key, label)) of a method."""
+  if config.method == "swap":
+    return ("val Acc_R + val Acc_L - val Acc_F",
+            ["acc_r", "acc_f", "acc_l", "val_acc_r", "val_acc_f", "val_acc_l"],
+            ("acc_r", "Acc_R"), ("acc_f", "Acc_F"), ("acc_l", "Acc_L"))
+  if config.method == "dispose":
+    return ("val target acc - 100 x mean PL leakage",
+            ["target_acc", "source_acc", "val_target_acc",
+             *(f"pl_{v}" for v in config.base.pl.attacks), "leakage"],
+            ("target_acc", "target accuracy"), ("leakage", "PL leakage"), None)
+  return ("mean val H over tasks", ["acc_r", "acc_f", "acc_o", "acc_forgotten", "H", "val_H"],
+          ("acc_r", "Acc_r"), ("acc_forgotten", "Acc on all forgotten classes"),
+          ("H", "mean H"))
+
+
+def _finish(run_dir, rows, assignments, config, trained) -> dict:
+  """Writes sweep.json, prints the table, exports the best member and draws the Pareto plot.
+
+  trained[i]: (the `_Trained` of member i's group, its index there)."""
+  score, columns, x, y, colour = _report(config)
   best = max(range(len(rows)), key=lambda i: rows[i]["score"])
   results = {"members": rows, "best": best, "score": score}
   workdir.write_json(os.path.join(run_dir, "sweep.json"), results)
   keys = list(dict.fromkeys(k for a in assignments for k in a))
   say(table(rows, ["member", *keys, *columns, "score"], floatfmt="{:.4g}"))
   say(f"best (validation score): member {best} {assignments[best]}")
-  workdir.export_model(os.path.join(run_dir, "best", "model"), best_model(best), model_cfg,
-                       labels.to_json(), extra={"sweep_member": rows[best]})
+  out, j = trained[best]
+  workdir.export_model(os.path.join(run_dir, "best", "model"), out.model(j), out.model_cfg,
+                       out.labels.to_json(), extra={"sweep_member": rows[best]})
   if workdir.is_main():
     _pareto_plot(rows, best, os.path.join(run_dir, "pareto.png"), x, y, colour)
   return results
