@@ -248,6 +248,7 @@ def test_shape_changing_keys_make_groups_run_one_after_another(swept, tmp_path):
 def test_unknown_keys_are_refused(tmp_path):
   with pytest.raises(UserError, match=r"sweep keys \['lora.rnak'\] are not fields"):
     sweep_job.run(_config(members=({"lora.rnak": 4},)), str(tmp_path))
+  assert not os.path.exists(tmp_path / "config.json")  # the corrected config may use the dir
 
 
 def test_grid_expansion_and_pareto_front():

@@ -74,11 +74,11 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   "trainable" (each member's final {"lora", "params"}, host arrays; swap and dispose) is not
   saved.
   """
-  workdir.check_config(run_dir, config)
   assignments = sweep.expand(config.get("grid"), config.get("members"))
   groups = sweep.groups(assignments, config.method, config.base)
   if config.mesh.get("rules"):
     raise UserError("a sweep places its stacked state by member (mesh.sweep); remove mesh.rules")
+  workdir.check_config(run_dir, config)  # after the refusals: a corrected config may reuse it
   runner = {"swap": _run_swap, "dispose": _run_dispose, "forget": _run_forget}[config.method]
   bases = [sweep.member_config(config.base, fixed) for fixed, _ in groups]
   if len(groups) > 1:
