@@ -112,7 +112,7 @@ def _share_pretraining(base, bases, run_dir) -> None:
       b.init.checkpoint = os.path.join(run_dir, "pretrain")
 
 
-def _run_swap(config, run_dir, assignments, configs) -> dict:
+def _run_swap(config, run_dir, assignments, configs) -> _Trained:
   base = config.base
   if base.head == "frozen" and len({c.seed for c in configs}) > 1:
     raise UserError("seed changes the new head columns, which head='frozen' shares between "
@@ -155,7 +155,7 @@ def _run_swap(config, run_dir, assignments, configs) -> dict:
   return _Trained(rows, best_model, model_cfg, labels, trainable)
 
 
-def _run_dispose(config, run_dir, assignments, configs) -> dict:
+def _run_dispose(config, run_dir, assignments, configs) -> _Trained:
   """One shared transfer stage, then the members' dispose stages vmapped, then PL attacks."""
   base = config.base
   mesh = sharding.make_mesh(config.mesh)
@@ -216,7 +216,7 @@ def _run_dispose(config, run_dir, assignments, configs) -> dict:
   return _Trained(rows, best_model, d.tgt_cfg, d.labels["target"], trainable)
 
 
-def _run_forget(config, run_dir, assignments, configs) -> dict:
+def _run_forget(config, run_dir, assignments, configs) -> _Trained:
   """Continual forgetting: the members' tasks vmapped, each member with its own merged model
   and its own best-LoRA selection (validation H, `select_best`)."""
   base = config.base
