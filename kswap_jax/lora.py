@@ -4,9 +4,10 @@ A LoRA tree mirrors the paths of the layers it adapts::
 
   {"Transformer": {"encoderblock_0": {"MlpBlock_0": {"Dense_0": {"A": (in, r), "B": (r, out)}}}}}
 
-`apply` runs a Flax model with `y = layer(x) + scale * (x A) B` added to each targeted
-`nn.Dense` / `nn.DenseGeneral` (intercepted by path, so base weights are never copied), and
-`merge` folds `scale * A B` into the kernels.
+`apply` runs a Flax model with each targeted `nn.Dense` / `nn.DenseGeneral` computing
+`x (W + scale A B) + bias` (intercepted by path; `adapted_matmul` gives the LoRA its
+gradients without forming the (tokens, out) update `(x A) B`), and `merge` folds `scale * A B`
+into the kernels.
 """
 from __future__ import annotations
 
@@ -92,9 +93,42 @@ def merge(params: Params, lora: Params, scale: float) -> Params:
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
+@jax.custom_vjp
+def adapted_matmul(x: jax.Array, kernel: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+  """x (M, I) @ (kernel + a b) -> (M, O), with kernel (I, O), a (I, r), b (r, O).
+
+  The forward is one matmul with the merged kernel. The backward gives x and kernel their
+  usual gradients and the LoRA its rank-r ones, x^T (dy b^T) and (x a)^T dy, so no (M, O)
+  update x a b is ever formed (that write and its rank-r product cost more than the merge).
+  """
+  return x @ _merged(kernel, a, b, x.dtype)
+
+
+def _merged(kernel, a, b, dtype):
+  return (kernel + a @ b).astype(dtype)
+
+
+def _adapted_fwd(x, kernel, a, b):
+  return x @ _merged(kernel, a, b, x.dtype), (x, kernel, a, b)
+
+
+def _adapted_bwd(res, dy):
+  x, kernel, a, b = res
+  a_x, b_x = a.astype(x.dtype), b.astype(x.dtype)
+  return (dy @ _merged(kernel, a, b, x.dtype).T, (x.T @ dy).astype(kernel.dtype),
+          (x.T @ (dy @ b_x.T)).astype(a.dtype), ((x @ a_x).T @ dy).astype(b.dtype))
+
+
+adapted_matmul.defvjp(_adapted_fwd, _adapted_bwd)
+
+
 def apply(model: nn.Module, params: Params, lora: Params | None, *args, scale: float,
           **kwargs):
-  """`model.apply({"params": params}, *args, **kwargs)` with the LoRA path added."""
+  """`model.apply({"params": params}, *args, **kwargs)` with every LoRA layer adapted.
+
+  A targeted layer computes `x (W + scale A B) + bias` in its own dtype over one
+  (tokens, in) matrix, via `adapted_matmul`.
+  """
   if not lora:
     return model.apply({"params": params}, *args, **kwargs)
   by_path = {tuple(p.split("/")): ab for p, ab in layers(lora).items()}
@@ -103,28 +137,30 @@ def apply(model: nn.Module, params: Params, lora: Params | None, *args, scale: f
     ab = by_path.get(tuple(context.module.path))
     if ab is None or context.method_name != "__call__":
       return next_fun(*fargs, **fkwargs)
-    x = fargs[0]
-    y = next_fun(*fargs, **fkwargs)
-    fan_in = ab["A"].shape[0]
-    _check_fan_in(x.shape, fan_in)
-    # One (tokens, in) matrix: XLA:CPU runs rank-r products over 2-D operands several times
-    # faster than batched ones, above all in the backward pass.
-    xf = x.reshape(-1, fan_in)
-    upd = (xf @ ab["A"].astype(x.dtype)) @ (scale * ab["B"]).astype(x.dtype)
-    return y + upd.reshape(y.shape).astype(y.dtype)
+    x, layer = fargs[0], context.module.variables["params"]
+    kernel = layer["kernel"]
+    fan_in, fan_out = ab["A"].shape[0], ab["B"].shape[1]
+    n_in = _trailing_axes(x.shape, fan_in)
+    dtype = context.module.dtype or jnp.result_type(x, kernel)
+    y = adapted_matmul(x.reshape(-1, fan_in).astype(dtype), kernel.reshape(fan_in, fan_out),
+                       ab["A"], scale * ab["B"])
+    if "bias" in layer:
+      y = y + layer["bias"].reshape(fan_out).astype(dtype)
+    n_out = _trailing_axes(kernel.shape, fan_out)
+    return y.reshape(x.shape[: x.ndim - n_in] + kernel.shape[kernel.ndim - n_out:])
 
   with nn.intercept_methods(interceptor):
     return model.apply({"params": params}, *args, **kwargs)
 
 
-def _check_fan_in(shape: tuple[int, ...], size: int) -> None:
-  """Raises unless some trailing axes of `shape` multiply to `size` (the layer's input)."""
+def _trailing_axes(shape: tuple[int, ...], size: int) -> int:
+  """How many trailing axes of `shape` multiply to `size` (a layer's input or output)."""
   prod = 1
   for n in range(1, len(shape) + 1):
     prod *= shape[-n]
     if prod == size:
-      return
-  raise ValueError(f"LoRA input size {size} does not match activation shape {shape}")
+      return n
+  raise ValueError(f"LoRA size {size} does not match the trailing axes of shape {shape}")
 
 
 def count(tree: Params) -> int:

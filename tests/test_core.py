@@ -61,6 +61,26 @@ def test_lora_starts_unchanged_and_merge_equals_apply():
   np.testing.assert_allclose(model.apply({"params": merged}, x), adapted, atol=1e-5)
 
 
+def test_adapted_matmul_gradients_equal_the_unmerged_formula():
+  """First and second order (a gradient-norm penalty, as Gradient Collision takes) gradients of
+  the merged-kernel product equal JAX's gradients of x W + (x A) B as written."""
+  x, kernel, a, b = (jax.random.normal(k, s) for k, s in zip(
+      jax.random.split(jax.random.key(0), 4), [(6, 5), (5, 7), (5, 3), (3, 7)]))
+  loss = lambda fn: lambda *w: jnp.sum(jnp.sin(fn(*w)))
+  plain = lambda x, kernel, a, b: x @ kernel + (x @ a) @ b
+  np.testing.assert_allclose(lora_lib.adapted_matmul(x, kernel, a, b), plain(x, kernel, a, b),
+                             atol=1e-5)
+  got = jax.grad(loss(lora_lib.adapted_matmul), argnums=(0, 1, 2, 3))(x, kernel, a, b)
+  want = jax.grad(loss(plain), argnums=(0, 1, 2, 3))(x, kernel, a, b)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-4)
+  penalty = lambda fn: lambda a, b: jnp.sum(jax.grad(loss(fn), argnums=3)(x, kernel, a, b) ** 2)
+  got = jax.grad(penalty(lora_lib.adapted_matmul), argnums=(0, 1))(a, b)
+  want = jax.grad(penalty(plain), argnums=(0, 1))(a, b)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
 def test_lora_on_attention_out_projection_matches_merge():
   model, params = _model()
   targets = r"Transformer/encoderblock_0/MultiHeadDotProductAttention_0/(query|out)"

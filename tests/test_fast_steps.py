@@ -1,4 +1,5 @@
 """The fast ViT pieces compute what a straightforward Flax ViT computes."""
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -10,6 +11,7 @@ import pytest
 
 from kswap_jax import continual, heads, train
 from kswap_jax import lora as lora_lib
+from kswap_jax.data import pipeline
 from kswap_jax.errors import UserError
 from kswap_jax.models import vit
 
@@ -81,6 +83,27 @@ class _RefEncoder(nn.Module):
     return nn.LayerNorm(epsilon=1e-6, name="encoder_norm")(x)
 
 
+@dataclasses.dataclass(frozen=True)
+class _RefNetwork(train.Network):
+  """`train.Network` with each LoRA layer computing layer(x) + scale (x A) B as written."""
+
+  def apply(self, params, lora, images, *, train=False, rng=None, return_embedding=False):
+    by_path = {tuple(p.split("/")): ab for p, ab in lora_lib.layers(lora).items()}
+
+    def interceptor(next_fun, fargs, fkwargs, context):
+      y = next_fun(*fargs, **fkwargs)
+      ab = by_path.get(tuple(context.module.path))
+      if ab is None or context.method_name != "__call__":
+        return y
+      x = fargs[0].reshape(-1, ab["A"].shape[0])
+      return y + (self.lora_scale * (x @ ab["A"]) @ ab["B"]).reshape(y.shape)
+
+    with nn.intercept_methods(interceptor):
+      return self.model.apply({"params": params}, pipeline.normalize(images, self.mean, self.std),
+                              train=train, rngs={"dropout": rng} if train else None,
+                              return_embedding=return_embedding)
+
+
 def _randomised(params, key):
   leaves, tree = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(key, len(leaves))
@@ -92,7 +115,8 @@ def _nets(dropout=0.0, head="cosface"):
   fast = vit.ViT(num_classes=6, dropout=dropout, **kw)
   ref = _RefViT(num_classes=6, dropout=dropout, **kw)
   params = _randomised(vit.init_params(fast, jax.random.key(0), (16, 16, 3)), jax.random.key(1))
-  return [heads.HeadNetwork(train.Network(m, lora_scale=0.5), head) for m in (fast, ref)], params
+  return [heads.HeadNetwork(train.Network(fast, lora_scale=0.5), head),
+          heads.HeadNetwork(_RefNetwork(ref, lora_scale=0.5), head)], params
 
 
 def _batches(key, n=4):
@@ -204,3 +228,22 @@ def test_cudnn_attention_is_refused_off_gpu():
   cfg.update(attention="einsum", dropout=1.0)
   with pytest.raises(UserError, match=r"model.dropout=1.0 must be in \[0, 1\)"):
     vit.make_model(cfg)
+
+
+def test_bfloat16_compute_keeps_float32_lora_gradients():
+  """model.dtype="bfloat16": LoRA gradients stay float32 and near the float32 model's."""
+  kw = vit.get_variant("Nano/4")
+  params = _randomised(vit.init_params(vit.ViT(num_classes=6, **kw), jax.random.key(0),
+                                       (16, 16, 3)), jax.random.key(1))
+  lora = jax.tree.map(lambda t: t + 0.05, lora_lib.init(jax.random.key(2), params, rank=4))
+  batch = _batches(jax.random.key(3))["retain"]
+  grads = []
+  for dtype in (jnp.float32, jnp.bfloat16):
+    net = train.Network(vit.ViT(num_classes=6, dtype=dtype, **kw), lora_scale=0.5)
+    ce = lambda lo: optax.softmax_cross_entropy_with_integer_labels(
+        net.apply(params, lo, batch["images"]), batch["labels"]).mean()
+    grads.append(jax.jit(jax.grad(ce))(lora))
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads[1]))
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[0]))
+  for full, half in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(half, full, atol=0.03 * scale)
