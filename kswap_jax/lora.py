@@ -99,7 +99,7 @@ def adapted_matmul(x: jax.Array, kernel: jax.Array, a: jax.Array, b: jax.Array) 
 
   The forward is one matmul with the merged kernel. The backward gives x and kernel their
   usual gradients and the LoRA its rank-r ones, x^T (dy b^T) and (x a)^T dy, so no (M, O)
-  update x a b is ever formed (that write and its rank-r product cost more than the merge).
+  update x a b is stored for the backward pass. Reverse mode only (any order of `grad`).
   """
   return x @ _merged(kernel, a, b, x.dtype)
 
