@@ -12,10 +12,15 @@ after --warmup, the step's FLOPs from XLA's `cost_analysis()`, achieved GFLOP/s,
 achieved GFLOP/s / the matmul peak in the step's dtype (a jitted N x N matmul, best of the runs
 just before and just after the step is timed, so a slow or fast spell of a shared machine
 shows in both), plus the compiled step's temp and argument bytes (and the device's peak bytes
-where it reports them). Random weights and images: the cost does not depend on their values.
+where it reports them) and the host's minor page faults per step. Random weights and images:
+the cost does not depend on their values.
+
+Host memory is set up as `kswap` sets it (`host_memory.retain_freed_memory`); `--host_memory
+default` keeps glibc's defaults, under which every step faults its temp buffer in again.
 
   python benchmarks/step_speed.py [--workloads face,vit_b16,digits]
-      [--rng_impls threefry2x32,rbg] [--dtypes float32,bfloat16] [--out FILE]
+      [--rng_impls threefry2x32,rbg] [--dtypes float32,bfloat16] [--host_memory retained|default]
+      [--out FILE]
 
 Writes benchmarks/results/step_speed_<backend>.json and prints a table.
 """
@@ -30,7 +35,8 @@ import jax.numpy as jnp
 import ml_collections
 import step_timing
 
-from kswap_jax import continual, heads, lora as lora_lib, sharding, train, workdir
+from kswap_jax import continual, heads, host_memory, lora as lora_lib, sharding, train
+from kswap_jax import workdir
 from kswap_jax.models import vit
 from kswap_jax.progress import table
 
@@ -90,8 +96,11 @@ def main():
   p.add_argument("--matmul_n", type=int, default=2048)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--repeats", type=int, default=7)
+  p.add_argument("--host_memory", default="retained", choices=("retained", "default"))
   p.add_argument("--out", default="")
   args = p.parse_args()
+  if args.host_memory == "retained" and not host_memory.retain_freed_memory():
+    raise SystemExit("error: --host_memory retained needs glibc (Linux); use --host_memory default")
 
   mesh = sharding.make_mesh()
   peak = lambda d: matmul_peak(args.matmul_n, jnp.dtype(d), 5)
@@ -121,11 +130,13 @@ def main():
 
 
 COLUMNS = ["workload", "variant", "dtype", "rng_impl", "compile_s", "step_ms", "step_ms_best",
-           "GFLOP", "gflops", "peak_gflops", "mfu_%", "mfu_best_%", "temp MiB", "peak MiB"]
+           "GFLOP", "gflops", "peak_gflops", "mfu_%", "mfu_best_%", "temp MiB", "peak MiB",
+           "faults/step"]
 
 
 def _show(r: dict) -> dict:
   return {**r, "GFLOP": r["flops"] / 1e9, "temp MiB": r["temp_bytes"] / 2**20,
+          "faults/step": r["page_faults_per_step"],
           "peak MiB": r["peak_bytes"] / 2**20 if r["peak_bytes"] >= 0 else "-"}
 
 

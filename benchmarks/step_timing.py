@@ -5,6 +5,7 @@ folder on the path).
 """
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 
@@ -24,7 +25,8 @@ def random_batch(rng: jax.Array, n: int, shape: tuple[int, ...], classes: int) -
 def measure(step_fn, state, batches, mesh, warmup: int, repeats: int) -> dict:
   """Compiles `step_fn` once (state donated, as in training), then times `repeats` calls after
   `warmup`; adds XLA's flops and memory analysis, the device's peak bytes (-1 where it does
-  not report them) and the last loss. The caller's `state` stays valid."""
+  not report them), the process's median minor page faults per timed step and the last loss.
+  The caller's `state` stays valid."""
   state = jax.device_put(state, sharding.replicated(mesh), may_alias=False)
   t0 = time.perf_counter()
   compiled = sharding.compile_step(step_fn, mesh).lower(state, batches).compile()
@@ -32,17 +34,20 @@ def measure(step_fn, state, batches, mesh, warmup: int, repeats: int) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   memory = compiled.memory_analysis()
-  times = []
+  times, faults = [], []
   for i in range(warmup + repeats):
+    f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = time.perf_counter()
     state, metrics = compiled(state, batches)
     jax.block_until_ready((state, metrics))
     if i >= warmup:
       times.append(time.perf_counter() - t)
+      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
   stats = jax.devices()[0].memory_stats() or {}
   return {"compile_s": compile_s, "step_ms": 1e3 * statistics.median(times),
           "step_ms_all": [1e3 * t for t in times], "flops": float(cost.get("flops", -1)),
           "temp_bytes": int(memory.temp_size_in_bytes) if memory else -1,
           "argument_bytes": int(memory.argument_size_in_bytes) if memory else -1,
           "peak_bytes": int(stats.get("peak_bytes_in_use", -1)),
+          "page_faults_per_step": int(statistics.median(faults)),
           "loss": float(metrics["loss"])}

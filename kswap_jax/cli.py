@@ -8,6 +8,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from kswap_jax import host_memory
 from kswap_jax.errors import UserError
 
 JOBS = ("pretrain", "swap", "forget", "dispose", "sweep")
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
           f"usage: kswap JOB --config configs/FILE.py --workdir DIR", file=sys.stderr)
     sys.exit(2)
   job = argv.pop(1)
+  host_memory.retain_freed_memory()
 
   def app_main(_):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO

@@ -1,6 +1,8 @@
 """The fast ViT pieces compute what a straightforward Flax ViT computes."""
 import dataclasses
 import functools
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -197,6 +199,23 @@ def test_dropout_rate_scale_and_determinism():
   assert odd.shape == (3, 7)
 
 
+def test_threefry2x32_equals_the_jax_primitive():
+  from jax.extend.random import threefry2x32_p  # pylint: disable=g-import-not-at-top
+  key = jax.random.bits(jax.random.key(7), (2,), jnp.uint32)
+  x0, x1 = (jax.random.bits(k, (1001,), jnp.uint32) for k in jax.random.split(jax.random.key(8)))
+  for got, want in zip(vit.threefry2x32(key, x0, x1), threefry2x32_p.bind(key[0], key[1], x0, x1)):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_dropout_masks_of_vmapped_keys_equal_single_ones():
+  drop = lambda key, x: vit.Dropout(0.1).apply({}, x, deterministic=False, rngs={"dropout": key})
+  keys = jax.random.split(jax.random.key(0), 3)
+  stacked = jax.vmap(drop)(keys, jnp.ones((3, 20, 9)))
+  for key, got in zip(keys, stacked):
+    np.testing.assert_array_equal(got, drop(key, jnp.ones((20, 9))))
+  assert not np.array_equal(stacked[0], stacked[1])
+
+
 @pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
 def test_dropout_in_training_steps_with_each_key_implementation(impl):
   (fast, _), params = _nets(dropout=0.3, head="linear")
@@ -247,3 +266,34 @@ def test_bfloat16_compute_keeps_float32_lora_gradients():
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[0]))
   for full, half in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     np.testing.assert_allclose(half, full, atol=0.03 * scale)
+
+
+_FAULTS_SCRIPT = """
+import resource, sys
+from kswap_jax import host_memory
+if sys.argv[1] == "retain":
+  assert host_memory.retain_freed_memory()
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: jnp.tanh(jnp.sin(x) @ jnp.cos(x).T).sum())
+x = jnp.ones((4096, 1024))
+temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
+for i in range(8):
+  if i == 4:  # the heap has grown to fit by now
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  jax.block_until_ready(f(x))
+print(temp // resource.getpagesize(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _temp_pages_and_faults(mode):
+  out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], check=True,
+                       capture_output=True, text=True).stdout.split()
+  return int(out[0]), int(out[1])
+
+
+def test_retained_host_memory_stops_page_faults_in_repeated_steps():
+  pages, faults = _temp_pages_and_faults("default")  # faults in the last 4 of 8 calls
+  # glibc maps a block of 32 MiB or more afresh on each call, and unmaps it after.
+  assert pages >= 8192 and faults > 3 * pages
+  pages, faults = _temp_pages_and_faults("retain")
+  assert faults < pages // 4

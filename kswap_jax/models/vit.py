@@ -67,12 +67,34 @@ def _gelu_jvp(primals, tangents):
   return x * cdf, (cdf + x * pdf) * t
 
 
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry2x32(key: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Threefry-2x32 with 20 rounds (the hash of JAX's default PRNG): key uint32 (2,), counter
+  words x0, x1 uint32 (n,) -> two uint32 (n,) words.
+
+  Written out round by round so that XLA fuses it into one elementwise pass; JAX lowers its
+  `threefry2x32` primitive on CPU to a loop that writes the state to memory after every four
+  rounds, about 6x slower for dropout-sized draws.
+  """
+  ks = (key[0], key[1], key[0] ^ key[1] ^ np.uint32(0x1BD11BDA))
+  x0, x1 = x0 + ks[0], x1 + ks[1]
+  for i in range(5):
+    for r in _ROTATIONS[i % 2]:
+      x0 = x0 + x1
+      x1 = ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))) ^ x0
+    x0, x1 = x0 + ks[(i + 1) % 3], x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+  return x0, x1
+
+
 class Dropout(nn.Module):
   """Inverted dropout: zero each entry with probability `rate`, scale the rest by 1/(1-rate).
 
-  The keep mask compares 16-bit uniform draws, two per 32-bit word of the "dropout" rng, to
-  round(rate * 2^16): half the random bits of `nn.Dropout`'s float draws (the rate is exact
-  to 1/65536).
+  Each entry compares its own 16-bit uniform draw to round(rate * 2^16) (the rate is exact to
+  1/65536): `threefry2x32` keyed by two words of the "dropout" rng hashes n/4 counters into
+  n/2 words, whose low halves serve the first n/2 entries and high halves the rest. Half the
+  random bits of `nn.Dropout`'s float draws, and any key implementation works.
   """
   rate: float
 
@@ -80,9 +102,13 @@ class Dropout(nn.Module):
   def __call__(self, x, deterministic: bool):
     if deterministic or self.rate == 0.0:
       return x
-    words = jax.random.bits(self.make_rng("dropout"), (-(-x.size // 2),), jnp.uint32)
-    draws = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[: x.size]
-    keep = draws.reshape(x.shape) >= np.uint16(round(self.rate * 65536))
+    key = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)
+    counters = jax.lax.iota(jnp.uint32, -(-x.size // 4))
+    words = jnp.concatenate(threefry2x32(key, jnp.zeros_like(counters), counters))
+    # Materialised once: fused into the mask, XLA would hash again for every entry.
+    words = jax.lax.optimization_barrier(words)
+    draws = jnp.concatenate([words & 0xFFFF, words >> 16])[: x.size].reshape(x.shape)
+    keep = draws >= np.uint32(round(self.rate * 65536))
     return jnp.where(keep, x / jnp.asarray(1 - self.rate, x.dtype), jnp.zeros_like(x))
 
 

@@ -1,0 +1,37 @@
+"""Host allocator setting for XLA:CPU steps: reuse freed memory instead of faulting it in again.
+
+XLA:CPU allocates an execution's whole temp buffer (activations and gradients: 1.2 GiB for
+the face GS-LoRA update) with one `malloc`. glibc serves a block that large with a fresh
+`mmap` and unmaps it on `free`, so every step touches, and the kernel zeroes, every page of
+it again: about 300 000 page faults and a fifth of the step time on 2 cores
+(`benchmarks/step_speed.py` reports the faults per step). `retain_freed_memory` makes glibc
+take every block from the main heap and never return freed memory to the system, so after the
+first few steps a step reuses the same pages. The process keeps its peak footprint until it
+exits, which is what a training process does anyway.
+
+`kswap` calls it before JAX starts its CPU backend; so do the benchmarks. From your own
+script, call it first thing, or start Python with the environment equivalent
+`MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1` (glibc only).
+"""
+from __future__ import annotations
+
+import ctypes
+import sys
+
+# mallopt(3) parameters: one malloc arena for every thread, no mmap-backed blocks, and no
+# trimming of the heap top (-1 disables it).
+_SETTINGS = ((-8, 1), (-4, 0), (-1, -1))  # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD
+
+
+def retain_freed_memory() -> bool:
+  """Sets glibc's malloc to serve all blocks from one reusable heap; True where it applied.
+
+  Threads that already allocated keep their own arena, so call this before the first JAX
+  computation (JAX creates its CPU worker threads then). Does nothing (False) off glibc.
+  """
+  if not sys.platform.startswith("linux"):
+    return False
+  mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+  if mallopt is None:
+    return False
+  return all(mallopt(param, value) == 1 for param, value in _SETTINGS)
