@@ -2,15 +2,18 @@
 
 XLA:CPU allocates an execution's whole temp buffer (activations and gradients: 1.2 GiB for
 the face GS-LoRA update) with one `malloc`. glibc serves a block that large with a fresh
-`mmap` and unmaps it on `free`, so every step touches, and the kernel zeroes, every page of
-it again: about 300 000 page faults and a fifth of the step time on 2 cores
-(`benchmarks/step_speed.py` reports the faults per step). `retain_freed_memory` makes glibc
-take every block from the main heap and never return freed memory to the system, so after the
-first few steps a step reuses the same pages. The process keeps its peak footprint until it
-exits, which is what a training process does anyway.
+`mmap` and unmaps it on `free`, so every step faults in, and the kernel zeroes, every page
+of it again: about 300 000 page faults per step, and a face update 1.6x slower on 2 cores
+(`benchmarks/step_speed.py --host_memory default` measures it). `retain_freed_memory` makes
+glibc take every block from the main heap and never return freed memory to the system, so
+after the first few steps a step reuses the same pages. The process keeps its peak footprint
+until it exits, and in the first steps the heap can grow by another temp buffer or a few, when
+small blocks land in a freed one, before it settles.
 
-`kswap` calls it before JAX starts its CPU backend; so do the benchmarks. From your own
-script, call it first thing, or start Python with the environment equivalent
+`kswap` calls it before JAX starts its CPU backend (`--host_memory=default` opts out), and so
+do the speed benchmarks
+(`step_speed.py`, `dropout_masks.py`, `attention_cost.py`). From your own script, call it
+first thing, or start Python with the environment equivalent
 `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1` (glibc only).
 """
 from __future__ import annotations

@@ -269,31 +269,35 @@ def test_bfloat16_compute_keeps_float32_lora_gradients():
 
 
 _FAULTS_SCRIPT = """
-import resource, sys
+import resource, statistics, sys
 from kswap_jax import host_memory
 if sys.argv[1] == "retain":
   assert host_memory.retain_freed_memory()
 import jax, jax.numpy as jnp
-f = jax.jit(lambda x: jnp.tanh(jnp.sin(x) @ jnp.cos(x).T).sum())
-x = jnp.ones((4096, 1024))
-temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
-for i in range(8):
-  if i == 4:  # the heap has grown to fit by now
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  jax.block_until_ready(f(x))
-print(temp // resource.getpagesize(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+x, w2 = jnp.ones((8192, 256)) / 16, jnp.ones((2048, 8)) / 45
+grad = jax.jit(jax.grad(lambda w1: (jax.nn.gelu(x @ w1) @ w2).sum())).lower(
+    jnp.ones((256, 2048))).compile()
+faults = []
+for i in range(16):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  jax.block_until_ready(grad(jnp.ones((256, 2048)) / 16))
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+pages = grad.memory_analysis().temp_size_in_bytes // resource.getpagesize()
+print(pages, statistics.median(faults[4:]))  # the heap has grown to fit after 4 calls
 """
 
 
-def _temp_pages_and_faults(mode):
+def _temp_pages_and_median_faults(mode):
   out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], check=True,
                        capture_output=True, text=True).stdout.split()
-  return int(out[0]), int(out[1])
+  return int(out[0]), float(out[1])
 
 
 def test_retained_host_memory_stops_page_faults_in_repeated_steps():
-  pages, faults = _temp_pages_and_faults("default")  # faults in the last 4 of 8 calls
-  # glibc maps a block of 32 MiB or more afresh on each call, and unmaps it after.
-  assert pages >= 8192 and faults > 3 * pages
-  pages, faults = _temp_pages_and_faults("retain")
-  assert faults < pages // 4
+  """A gradient step with a 136 MiB temp buffer: glibc's defaults map it afresh and unmap it
+  on every call; retained, the typical call reuses heap pages (a call may still grow the heap
+  when a small block has landed in the freed buffer, hence the median)."""
+  pages, faults = _temp_pages_and_median_faults("default")
+  assert pages >= 8192 and faults >= pages
+  pages, faults = _temp_pages_and_median_faults("retain")
+  assert faults < pages // 100

@@ -78,6 +78,8 @@ def _cli(*args, cwd=ROOT):
       "--config.model.variant=Z/2"], "unknown ViT variant 'Z/2'"),
     (["pretrain", "--config", "configs/pretrain_digits.py:runlocal", "--workdir", "{w}",
       "--config.data.dataset=imagenet_nope"], "unknown dataset 'imagenet_nope'"),
+    (["pretrain", "--config", "configs/pretrain_digits.py:runlocal", "--workdir", "{w}",
+      "--host_memory=kept"], "--host_memory"),
 ])
 def test_cli_bad_input_gives_one_line_error(tmp_path, args, message):
   out = _cli(*[a.replace("{w}", str(tmp_path / "w")) for a in args])
