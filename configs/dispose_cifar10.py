@@ -63,4 +63,4 @@ def get_config(arg=None):
     c.source.per_class = c.pl.data.per_class = 2
     c.pl.batch_size = 8
     c.pl.linear.steps = c.pl.full.steps = 2
-  return config_lib.common(c, a.runlocal)
+  return config_lib.common(c, a.runlocal, host_memory="retained")

@@ -45,7 +45,7 @@ def get_config(arg=None):
   c.init = ml_collections.ConfigDict(dict(checkpoint=a.ckpt, pretrain=_pretrain(a, c)))
   config_lib.gs_lora_paper(c, a, beta=[0.2, 0.25, 0.25, 0.2], head="cosface",
                            margin_at_eval=a.margin_at_eval, runlocal_variant="Nano/8")
-  return config_lib.common(c, a.runlocal)
+  return config_lib.common(c, a.runlocal, host_memory="retained")
 
 
 def _pretrain(a, forget_config):

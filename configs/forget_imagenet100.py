@@ -35,4 +35,4 @@ def get_config(arg=None):
   c.init = ml_collections.ConfigDict(dict(checkpoint=a.ckpt, dataset="imagenet2012",
                                           classes=a.classes))
   config_lib.gs_lora_paper(c, a, beta=[0.2, 0.25, 0.25, 0.25])
-  return config_lib.common(c, a.runlocal)
+  return config_lib.common(c, a.runlocal, host_memory="retained")

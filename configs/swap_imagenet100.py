@@ -51,4 +51,4 @@ def get_config(arg=None):
       epochs=ml_collections.ConfigDict(dict(learn=5, forget=5, swap=5))))
   if a.runlocal:
     c.train.epochs.update(learn=1, forget=1, swap=1)
-  return config_lib.common(c, a.runlocal)
+  return config_lib.common(c, a.runlocal, host_memory="retained")

@@ -18,15 +18,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (file.py[
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False,
                                "Call jax.distributed.initialize() (TPU pods, GPU clusters).")
-_HOST_MEMORY = flags.DEFINE_enum(
-    "host_memory", "retained", ["retained", "default"],
-    "retained: glibc keeps freed host memory for reuse (fast XLA:CPU steps, the process keeps "
-    "its peak footprint); default: glibc's own settings. See kswap_jax/host_memory.py.")
 
 
 def _run(job: str) -> None:
   if _CONFIG.value is None or not _WORKDIR.value:
     raise UserError("both --config and --workdir are required")
+  host_memory.configure(_CONFIG.value.get("host_memory", "default"))  # before JAX starts
   if _MULTIHOST.value:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()
@@ -44,8 +41,6 @@ def main(argv: list[str] | None = None) -> None:
   job = argv.pop(1)
 
   def app_main(_):
-    if _HOST_MEMORY.value == "retained":  # before JAX starts its CPU worker threads
-      host_memory.retain_freed_memory()
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
       _run(job)

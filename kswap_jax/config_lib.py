@@ -125,12 +125,15 @@ def sweep(method: str, base: ml_collections.ConfigDict, grid: dict,
   return c
 
 
-def common(config: ml_collections.ConfigDict, runlocal: bool) -> ml_collections.ConfigDict:
-  """Mesh, checkpointing and logging fields every job has."""
+def common(config: ml_collections.ConfigDict, runlocal: bool,
+           host_memory: str = "default") -> ml_collections.ConfigDict:
+  """Mesh, checkpointing, logging and host-allocator fields every job has."""
   # data=-1: all devices data-parallel; fsdp > 1 shards params by `rules` (kswap_jax.sharding).
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, rules=()))
   config.checkpoint = ml_collections.ConfigDict(dict(every_steps=200 if not runlocal else 2,
                                                      keep=2))
   config.log_every = 50 if not runlocal else 1
   config.rng_impl = "threefry2x32"
+  # "retained": glibc reuses freed host memory (faster XLA:CPU steps with large buffers).
+  config.host_memory = host_memory
   return config

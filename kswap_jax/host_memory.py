@@ -10,9 +10,11 @@ after the first few steps a step reuses the same pages. The process keeps its pe
 until it exits, and in the first steps the heap can grow by another temp buffer or a few, when
 small blocks land in a freed one, before it settles.
 
-`kswap` calls it before JAX starts its CPU backend (`--host_memory=default` opts out), and so
-do the speed benchmarks
-(`step_speed.py`, `dropout_masks.py`, `attention_cost.py`). From your own script, call it
+The price is one malloc arena shared by all threads: steps with small buffers, such as the
+digits models', run slower (`step_speed.py --workloads digits` measures both). So `kswap` calls
+it, before JAX starts its CPU backend, only for configs with `host_memory="retained"` (the
+ViT-B and face configs). The speed benchmarks call it too (`step_speed.py` unless
+`--host_memory default`, `dropout_masks.py`, `attention_cost.py`). From your own script, call it
 first thing, or start Python with the environment equivalent
 `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1` (glibc only).
 """
@@ -20,6 +22,10 @@ from __future__ import annotations
 
 import ctypes
 import sys
+
+from kswap_jax.errors import UserError
+
+SETTINGS = ("default", "retained")
 
 # mallopt(3) parameters: one malloc arena for every thread, no mmap-backed blocks, and no
 # trimming of the heap top (-1 disables it).
@@ -38,3 +44,11 @@ def retain_freed_memory() -> bool:
   if mallopt is None:
     return False
   return all(mallopt(param, value) == 1 for param, value in _SETTINGS)
+
+
+def configure(setting: str) -> None:
+  """Applies a config's `host_memory` ("default": glibc's own, "retained"); call before JAX."""
+  if setting not in SETTINGS:
+    raise UserError(f"host_memory={setting!r} is not one of {SETTINGS}")
+  if setting == "retained":
+    retain_freed_memory()

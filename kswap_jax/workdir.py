@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from kswap_jax.errors import UserError
 
 # Fields that may differ between a run and its continuation.
-RESUMABLE_FIELDS = ("checkpoint", "log_every", "eval_batch_size")
+RESUMABLE_FIELDS = ("checkpoint", "log_every", "eval_batch_size", "host_memory")
 
 
 def is_main() -> bool:

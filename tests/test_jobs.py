@@ -79,7 +79,7 @@ def _cli(*args, cwd=ROOT):
     (["pretrain", "--config", "configs/pretrain_digits.py:runlocal", "--workdir", "{w}",
       "--config.data.dataset=imagenet_nope"], "unknown dataset 'imagenet_nope'"),
     (["pretrain", "--config", "configs/pretrain_digits.py:runlocal", "--workdir", "{w}",
-      "--host_memory=kept"], "--host_memory"),
+      "--config.host_memory=kept"], "host_memory='kept' is not one of"),
 ])
 def test_cli_bad_input_gives_one_line_error(tmp_path, args, message):
   out = _cli(*[a.replace("{w}", str(tmp_path / "w")) for a in args])
