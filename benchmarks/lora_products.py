@@ -1,11 +1,13 @@
 """Forward + backward time and memory of one LoRA-adapted layer: merged kernel vs unmerged.
 
   merged    `lora.adapted_matmul`: x (W + A B), one matmul; A and B get rank-r gradients.
+  folded    the same backward formulas with no optimization barriers: XLA folds the
+            transposes into the rank-r products, which then contract the slow way on CPU.
   unmerged  x W + (x A) B as written, differentiated by JAX: also forms the (M, O) update.
 
-Both take the gradient with respect to x, A and B (W frozen, as in training). Shapes are the
+Each takes the gradient with respect to x, A and B (W frozen, as in training). Shapes are the
 GS-LoRA face update's MLP layers (M = 16 images x 197 tokens, rank 8) by default. Reported:
-median and best time (the two are timed in alternating rounds, so a slow spell of a shared
+median and best time (they are timed in alternating rounds, so a slow spell of a shared
 machine hits both) and XLA's temp bytes of the compiled computation.
 
   python benchmarks/lora_products.py [--tokens 3152] [--rank 8] [--rounds 5] [--out FILE]
@@ -34,6 +36,23 @@ def unmerged(x, kernel, a, b):
   return x @ kernel + (x @ a) @ b
 
 
+@jax.custom_vjp
+def folded(x, kernel, a, b):
+  return x @ (kernel + a @ b)
+
+
+def _folded_fwd(x, kernel, a, b):
+  return folded(x, kernel, a, b), (x, kernel, a, b)
+
+
+def _folded_bwd(res, dy):
+  x, kernel, a, b = res
+  return dy @ (kernel + a @ b).T, x.T @ dy, x.T @ (dy @ b.T), (x @ a).T @ dy
+
+
+folded.defvjp(_folded_fwd, _folded_bwd)
+
+
 def timed_grad(fn):
   """Jitted (x, kernel, a, b, dy) -> (output y, gradients of sum(y * dy) w.r.t. x, a, b)."""
 
@@ -54,7 +73,8 @@ def main():
   p.add_argument("--out", default="")
   args = p.parse_args()
 
-  fns = {"merged": timed_grad(lora_lib.adapted_matmul), "unmerged": timed_grad(unmerged)}
+  fns = {"merged": timed_grad(lora_lib.adapted_matmul), "folded": timed_grad(folded),
+         "unmerged": timed_grad(unmerged)}
   rows = []
   for layer, (fan_in, fan_out) in LAYERS.items():
     keys = jax.random.split(jax.random.key(0), 5)

@@ -3,7 +3,7 @@
 XLA:CPU allocates an execution's whole temp buffer (activations and gradients: 1.2 GiB for
 the face GS-LoRA update) with one `malloc`. glibc serves a block that large with a fresh
 `mmap` and unmaps it on `free`, so every step faults in, and the kernel zeroes, every page
-of it again: about 300 000 page faults per step, and a face update about 1.5x slower on 2 cores
+of it again: about 300 000 page faults per step, and a face update 1.5-2x slower on 2 cores
 (`benchmarks/step_speed.py --host_memory default` measures it). `retain_freed_memory` makes
 glibc take every block from the main heap and never return freed memory to the system, so
 after the first few steps a step reuses the same pages. The process keeps its peak footprint

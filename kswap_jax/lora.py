@@ -114,9 +114,13 @@ def _adapted_fwd(x, kernel, a, b):
 
 def _adapted_bwd(res, dy):
   x, kernel, a, b = res
-  a_x, b_x = a.astype(x.dtype), b.astype(x.dtype)
+  # The rank-r products are kept in (M, r) and (r, I) layouts: left to itself, XLA folds the
+  # transposes into the dots and emits (r, M) and (I, r) products that contract the wrong
+  # way for XLA:CPU, about 10x slower (benchmarks/lora_products.py).
+  keep = jax.lax.optimization_barrier
+  xa, g = keep(x @ a.astype(x.dtype)), keep(dy @ b.astype(x.dtype).T)  # (M, r) each
   return (dy @ _merged(kernel, a, b, x.dtype).T, (x.T @ dy).astype(kernel.dtype),
-          (x.T @ (dy @ b_x.T)).astype(a.dtype), ((x @ a_x).T @ dy).astype(b.dtype))
+          keep(g.T @ x).T.astype(a.dtype), (xa.T @ dy).astype(b.dtype))
 
 
 adapted_matmul.defvjp(_adapted_fwd, _adapted_bwd)
