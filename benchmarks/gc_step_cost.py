@@ -35,8 +35,8 @@ def main():
   p.add_argument("--batch_size", type=int, default=32, help="target batch")
   p.add_argument("--source_batch_size", type=int, default=64, help="split into K sub-batches")
   p.add_argument("--ks", default="2,4,8")
-  p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--repeats", type=int, default=7)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=31)
   p.add_argument("--out", default=OUT)
   args = p.parse_args()
 
