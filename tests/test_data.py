@@ -1,4 +1,5 @@
 """Digits builder, TFDS / folder sources, class selection, sampling and batches."""
+import io
 import os
 import subprocess
 import sys
@@ -63,6 +64,40 @@ def test_tfds_by_name_with_mock_data():
     imgs = ex.images(np.arange(len(ex)))
     assert imgs.shape == (len(ex), 16, 16, 3) and imgs.dtype == np.uint8
     np.testing.assert_array_equal(ex.labels, [classes.index(src.labels[i]) for i in ex.indices])
+
+
+class JpegColours(tfds.core.GeneratorBasedBuilder):
+  """24 JPEG images, each one flat grey level 60 * label, labels 0-3."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+        "label": tfds.features.ClassLabel(num_classes=4)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(24):
+      buf = io.BytesIO()  # encoded here: TFDS encodes arrays with TensorFlow
+      Image.fromarray(np.full((16, 12, 3), 60 * (i % 4), np.uint8)).save(buf, format="JPEG")
+      yield i, {"image": buf.getvalue(), "label": i % 4}
+
+
+def test_tfds_jpeg_source_scans_labels_without_decoding_images(tmp_path, monkeypatch):
+  JpegColours(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  decoded = []
+  decode = tfds.features.Image.decode_example_np
+  monkeypatch.setattr(tfds.features.Image, "decode_example_np",
+                      lambda self, *a, **k: decoded.append(1) or decode(self, *a, **k))
+  src = sources.open_source("jpeg_colours", "train", str(tmp_path))
+  assert len(src) == 24 and not decoded
+  grey = [round(float(src.image(i).mean()) / 60) for i in range(len(src))]
+  np.testing.assert_array_equal(src.labels, grey)  # each label belongs to its own image
+  assert len(decoded) == 24
 
 
 def test_folder_source(tmp_path):
