@@ -34,7 +34,7 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict(dict(
       dataset=f"folder:{a.data}", train_split="train", val_split="val", test_split="test",
       data_dir="", image_size=112, channels=3, mean=0.5, std=0.5, eval_batch_size=256,
-      image_key="image", label_key="label"))
+      image_key="image", label_key="label", cache_images=True))
   c.sets = ml_collections.ConfigDict(dict(retain=dict(fraction=0.1, per_class=0),
                                           forget=dict(fraction=1.0, per_class=0)))
   c.tasks = ml_collections.ConfigDict(dict(forget=[], per_task=a.per_task,

@@ -42,7 +42,7 @@ def example_set(data: ml_collections.ConfigDict, spec: ml_collections.ConfigDict
       src, ids, new, image_size=data.image_size, channels=data.channels,
       fraction=spec.get("fraction", 1.0) if subset else 1.0,
       per_class=spec.get("per_class", 0) if subset else 0, seed=spec.get("seed", 0),
-      name=name)
+      name=name, cache=data.get("cache_images", True))
 
 
 def split_of(data: ml_collections.ConfigDict, spec: ml_collections.ConfigDict,

@@ -62,7 +62,7 @@ def digits_data(image_size: int = 8) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       dataset="sklearn_digits", train_split="train", test_split="test", data_dir="",
       image_size=image_size, channels=1, mean=0.5, std=0.5, eval_batch_size=512,
-      image_key="image", label_key="label"))
+      image_key="image", label_key="label", cache_images=True))
 
 
 def imagenet_data(image_size: int = 224) -> ml_collections.ConfigDict:
@@ -70,7 +70,7 @@ def imagenet_data(image_size: int = 224) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       dataset="imagenet2012", train_split="train", test_split="validation", data_dir="",
       image_size=image_size, channels=3, mean=0.5, std=0.5, eval_batch_size=256,
-      image_key="image", label_key="label"))
+      image_key="image", label_key="label", cache_images=True))
 
 
 def lora(rank: int = 8, alpha: float = 1.0, a_init: str = "small") -> ml_collections.ConfigDict:

@@ -23,8 +23,9 @@ import orbax.checkpoint as ocp
 
 from kswap_jax.errors import UserError
 
-# Fields that may differ between a run and its continuation.
-RESUMABLE_FIELDS = ("checkpoint", "log_every", "eval_batch_size", "host_memory")
+# Fields that may differ between a run and its continuation, at any depth of the config
+# (a sweep's base config included): they do not change what the run computes.
+RESUMABLE_FIELDS = ("checkpoint", "log_every", "eval_batch_size", "cache_images", "host_memory")
 
 
 def is_main() -> bool:
@@ -64,12 +65,25 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   new = json.loads(config.to_json_best_effort())
   old = read_json(path)
   if old is not None:
-    diff = sorted(k for k in set(old) | set(new)
-                  if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k))
+    old_flat, new_flat = _flatten(old), _flatten(new)
+    diff = sorted(k for k in set(old_flat) | set(new_flat)
+                  if not set(k.split(".")) & set(RESUMABLE_FIELDS)
+                  and old_flat.get(k, "<unset>") != new_flat.get(k, "<unset>"))
     if diff:
       raise UserError(f"workdir {workdir} holds a run with a different config (fields {diff}); "
                       f"use a new --workdir or the same config to resume")
   write_json(path, new)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  """{"a": {"b": 1}} -> {"a.b": 1}; an empty dict stays a value."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) and v:
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
 
 
 class Checkpoints:

@@ -1,4 +1,5 @@
 """Digits builder, TFDS / folder sources, class selection, sampling and batches."""
+import dataclasses
 import io
 import os
 import subprocess
@@ -125,6 +126,25 @@ def test_select_fraction_and_k_shot_are_seeded():
   assert abs(len(a) - 0.1 * np.isin(src.labels, [3, 4]).sum()) <= 2
   k = pipeline.select(src, [3, 4], [0, 1], image_size=8, channels=1, per_class=4)
   assert np.bincount(k.labels).tolist() == [4, 4]
+
+
+def test_image_cache_decodes_once_and_can_be_turned_off():
+  digits = sources.open_source("sklearn_digits", "train")
+  reads = []
+  src = dataclasses.replace(digits, image=lambda i: reads.append(i) or digits.image(i))
+  pos = np.array([0, 2, 2, 1])
+  sets = {cache: pipeline.select(src, [3, 4], [0, 1], image_size=6, channels=1, cache=cache)
+          for cache in (True, False)}
+  for cache, ex in sets.items():
+    reads.clear()
+    first, second = ex.images(pos), ex.images(pos)
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(
+        first, [pipeline.resize(digits.image(ex.indices[p]), 6, 1) for p in pos])
+    assert len(reads) == (3 if cache else 8)
+  joined = pipeline.concat(sets[True], sets[False])
+  assert not joined.cache
+  np.testing.assert_array_equal(joined.images(pos + len(sets[True])), sets[False].images(pos))
 
 
 def test_epoch_sampler_is_a_function_of_step():

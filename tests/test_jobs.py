@@ -58,7 +58,19 @@ def test_workdir_with_other_config_is_refused(tmp_path):
   c = _pretrain_config()
   workdir.check_config(str(tmp_path), c)
   c.train.lr = 0.5
-  with pytest.raises(UserError, match=r"different config \(fields \['train'\]\)"):
+  with pytest.raises(UserError, match=r"different config \(fields \['train.lr'\]\)"):
+    workdir.check_config(str(tmp_path), c)
+
+
+def test_workdir_resumes_with_other_run_time_settings(tmp_path):
+  c = _pretrain_config()
+  workdir.check_config(str(tmp_path), c)
+  c.data.cache_images = not c.data.cache_images
+  c.data.eval_batch_size += 1
+  c.log_every += 1
+  workdir.check_config(str(tmp_path), c)  # run-time settings only: accepted
+  c.data.image_size += 1
+  with pytest.raises(UserError, match=r"\(fields \['data.image_size'\]\)"):
     workdir.check_config(str(tmp_path), c)
 
 

@@ -76,27 +76,33 @@ def normalize(images: jax.Array, mean: float = 0.5, std: float = 0.5) -> jax.Arr
 class ExampleSet:
   """Chosen examples of one source with labels in the model's label space.
 
-  `images(positions)` loads, resizes and caches the images at those positions (uint8).
+  `images(positions)` loads and resizes the images at those positions (uint8); with `cache`
+  each image is decoded once and kept in host memory, (N, H, W, C) bytes in all.
   """
 
   def __init__(self, source: Source, indices: np.ndarray, labels: np.ndarray, image_size: int,
-               channels: int, name: str = ""):
+               channels: int, name: str = "", cache: bool = True):
     if len(indices) == 0:
       raise UserError(f"set {name or source.name!r} is empty: its classes have no examples "
                       f"in split {source.split!r} of {source.name!r}")
     self.source, self.indices, self.labels = source, indices, labels.astype(np.int32)
     self.shape = (image_size, image_size, channels)
-    self.name = name
-    self._cache = np.zeros((len(indices), *self.shape), np.uint8)
+    self.name, self.cache = name, cache
+    self._cache = np.zeros((len(indices), *self.shape), np.uint8) if cache else None
     self._loaded = np.zeros(len(indices), bool)
 
   def __len__(self) -> int:
     return len(self.indices)
 
+  def _load(self, p: int) -> np.ndarray:
+    return resize(self.source.image(self.indices[p]), self.shape[0], self.shape[2])
+
   def images(self, positions: np.ndarray) -> np.ndarray:
+    if not self.cache:
+      return np.stack([self._load(p) for p in positions])
     todo = np.unique(positions[~self._loaded[positions]])
     for p in todo:
-      self._cache[p] = resize(self.source.image(self.indices[p]), self.shape[0], self.shape[2])
+      self._cache[p] = self._load(p)
     self._loaded[todo] = True
     return self._cache[positions]
 
@@ -106,11 +112,12 @@ class ExampleSet:
 
 def select(source: Source, class_ids: Sequence[int], new_labels: Sequence[int], *,
            image_size: int, channels: int, fraction: float = 1.0, per_class: int = 0,
-           seed: int = 0, name: str = "") -> ExampleSet:
+           seed: int = 0, name: str = "", cache: bool = True) -> ExampleSet:
   """Examples of `class_ids`, relabelled to `new_labels`; optionally a seeded subset.
 
   fraction: keep round(fraction * n_c) (at least 1) examples of each class c.
   per_class: if > 0, keep k examples of each class instead (k-shot).
+  cache: keep decoded images in host memory (`ExampleSet`).
   """
   if not 0 < fraction <= 1:
     raise UserError(f"{name}: fraction={fraction} must be in (0, 1]")
@@ -123,7 +130,7 @@ def select(source: Source, class_ids: Sequence[int], new_labels: Sequence[int], 
     keep.append(idx)
     labels.append(np.full(len(idx), y))
   return ExampleSet(source, np.concatenate(keep), np.concatenate(labels), image_size, channels,
-                    name)
+                    name, cache)
 
 
 def concat(a: ExampleSet, b: ExampleSet, name: str = "") -> ExampleSet:
@@ -138,9 +145,10 @@ def concat(a: ExampleSet, b: ExampleSet, name: str = "") -> ExampleSet:
   src = Source(f"{a.source.name}+{b.source.name}", a.source.split, np.zeros(0, np.int64), [],
                image)
   out = ExampleSet(src, np.arange(na + len(b)), np.concatenate([a.labels, b.labels]),
-                   a.shape[0], a.shape[2], name)
-  out._cache[:na], out._loaded[:na] = a._cache, a._loaded  # pylint: disable=protected-access
-  out._cache[na:], out._loaded[na:] = b._cache, b._loaded  # pylint: disable=protected-access
+                   a.shape[0], a.shape[2], name, a.cache and b.cache)
+  if out.cache:  # images the parts have loaded already
+    out._cache[:na], out._loaded[:na] = a._cache, a._loaded  # pylint: disable=protected-access
+    out._cache[na:], out._loaded[na:] = b._cache, b._loaded  # pylint: disable=protected-access
   return out
 
 
