@@ -1,6 +1,7 @@
 """A job's working directory: orbax checkpoints, the config, results and exported models.
 
   workdir/config.json        the run's config (a rerun with a different config is refused)
+  workdir/environment.json   per start of the run: package versions, processor, devices
   workdir/checkpoints/<step> orbax train-state checkpoints (last K kept)
   workdir/metrics.jsonl      one JSON line per logged step
   workdir/results.json       evaluation results, written atomically
@@ -10,8 +11,11 @@ Only process 0 writes the JSON files; orbax saves and restores collectively.
 """
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
 import os
+import platform
 import shutil
 import tempfile
 from typing import Any
@@ -60,7 +64,8 @@ def read_json(path: str, default=None):
 
 
 def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Saves config.json, or refuses a workdir that holds a run of a different config."""
+  """Saves config.json, or refuses a workdir that holds a run of a different config; appends
+  this start's `environment()` to environment.json."""
   path = os.path.join(workdir, "config.json")
   new = json.loads(config.to_json_best_effort())
   old = read_json(path)
@@ -73,6 +78,43 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
       raise UserError(f"workdir {workdir} holds a run with a different config (fields {diff}); "
                       f"use a new --workdir or the same config to resume")
   write_json(path, new)
+  env_path = os.path.join(workdir, "environment.json")
+  write_json(env_path, read_json(env_path, []) + [environment()])
+
+
+# Packages whose versions can change a run's numbers.
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy",
+            "tensorflow-datasets", "scikit-learn", "ml-collections", "kswap-jax")
+
+
+def environment() -> dict:
+  """What a run's numbers depend on besides its config: package versions, the processor and
+  the devices. XLA picks kernels by processor, and their rounding differs, so a run can end
+  with other figures on another machine."""
+  versions = {}
+  for name in PACKAGES:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = None
+  return {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "python": platform.python_version(), "packages": versions,
+          "processor": _processor(), "cpu_count": os.cpu_count(),
+          "backend": jax.default_backend(), "process_count": jax.process_count(),
+          "devices": sorted({d.device_kind for d in jax.devices()}),
+          "device_count": jax.device_count()}
+
+
+def _processor() -> str:
+  """The CPU model name (Linux /proc/cpuinfo; elsewhere the platform's processor string)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
