@@ -16,6 +16,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 from typing import Any
@@ -27,9 +28,11 @@ import orbax.checkpoint as ocp
 
 from kswap_jax.errors import UserError
 
-# Fields that may differ between a run and its continuation, at any depth of the config
-# (a sweep's base config included): they do not change what the run computes.
-RESUMABLE_FIELDS = ("checkpoint", "log_every", "eval_batch_size", "cache_images", "host_memory")
+# Fields (and sections) that may differ between a run and its continuation: they do not change
+# what the run computes. They hold in a sweep's base config and a pretrain config too.
+RESUMABLE_FIELDS = ("checkpoint", "log_every", "host_memory", "data.eval_batch_size",
+                    "data.cache_images")
+_NESTED_RUN = re.compile(r"^(?:base\.|init\.pretrain\.)+")
 
 
 def is_main() -> bool:
@@ -72,14 +75,22 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   if old is not None:
     old_flat, new_flat = _flatten(old), _flatten(new)
     diff = sorted(k for k in set(old_flat) | set(new_flat)
-                  if not set(k.split(".")) & set(RESUMABLE_FIELDS)
+                  if not _resumable(k)
                   and old_flat.get(k, "<unset>") != new_flat.get(k, "<unset>"))
     if diff:
       raise UserError(f"workdir {workdir} holds a run with a different config (fields {diff}); "
                       f"use a new --workdir or the same config to resume")
   write_json(path, new)
   env_path = os.path.join(workdir, "environment.json")
-  write_json(env_path, read_json(env_path, []) + [environment()])
+  starts = read_json(env_path, [])
+  write_json(env_path, (starts if isinstance(starts, list) else []) + [environment()])
+
+
+def _resumable(key: str) -> bool:
+  """Whether a dotted config key is, or lies in, one of RESUMABLE_FIELDS (also under `base.`
+  or `init.pretrain.`); `init.checkpoint`, the model a run starts from, is not."""
+  key = _NESTED_RUN.sub("", key)
+  return any(key == f or key.startswith(f + ".") for f in RESUMABLE_FIELDS)
 
 
 # Packages whose versions can change a run's numbers.

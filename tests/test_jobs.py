@@ -72,6 +72,10 @@ def test_workdir_resumes_with_other_run_time_settings(tmp_path):
   c.data.image_size += 1
   with pytest.raises(UserError, match=r"\(fields \['data.image_size'\]\)"):
     workdir.check_config(str(tmp_path), c)
+  c.data.image_size -= 1
+  c.init.checkpoint = str(tmp_path / "another_model")  # the model a run starts from
+  with pytest.raises(UserError, match=r"\(fields \['init.checkpoint'\]\)"):
+    workdir.check_config(str(tmp_path), c)
   starts = workdir.read_json(str(tmp_path / "environment.json"))
   assert len(starts) == 2  # one entry per accepted start
   assert starts[-1]["packages"]["jax"] == jax.__version__

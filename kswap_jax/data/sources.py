@@ -70,17 +70,19 @@ def open_source(name: str, split: str, data_dir: str | None = None,
 
 
 def _scan_labels(builder, split: str, decoded, image_key: str, label_key: str) -> np.ndarray:
-  """(N,) labels of a TFDS split, read with the images left encoded: decoding every JPEG of a
-  large dataset once per run would take minutes. `decoded` (the split's usual data source)
+  """(N,) labels of a TFDS split, read with `Image` features left encoded: decoding every JPEG
+  of a large dataset once per run would take minutes. `decoded` (the split's usual data source)
   serves where that read needs TensorFlow: `tfds.testing.mock_data` encodes its fake images
   for a decoder."""
   n = len(decoded)
-  ds = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
-  try:
-    if n:
-      ds[0]  # pylint: disable=pointless-statement
-  except ImportError:
-    ds = decoded
+  ds = decoded
+  if isinstance(builder.info.features[image_key], tfds.features.Image):
+    ds = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+    try:
+      if n:
+        ds[0]  # pylint: disable=pointless-statement
+    except ImportError:
+      ds = decoded
   return np.fromiter((ds[i][label_key] for i in range(n)), np.int64, n)
 
 
