@@ -143,8 +143,14 @@ def test_image_cache_decodes_once_and_can_be_turned_off():
         first, [pipeline.resize(digits.image(ex.indices[p]), 6, 1) for p in pos])
     assert len(reads) == (3 if cache else 8)
   joined = pipeline.concat(sets[True], sets[False])
-  assert not joined.cache
-  np.testing.assert_array_equal(joined.images(pos + len(sets[True])), sets[False].images(pos))
+  both = np.concatenate([pos, pos + len(sets[True])])
+  np.testing.assert_array_equal(joined.images(both), np.concatenate(
+      [sets[True].images(pos), sets[False].images(pos)]))
+  new = np.array([3, 4])
+  joined.images(new)  # read through the joined set: cached in its part, not a second time
+  reads.clear()
+  sets[True].images(new)
+  assert not reads
 
 
 def test_epoch_sampler_is_a_function_of_step():

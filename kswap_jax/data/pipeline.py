@@ -134,22 +134,20 @@ def select(source: Source, class_ids: Sequence[int], new_labels: Sequence[int], 
 
 
 def concat(a: ExampleSet, b: ExampleSet, name: str = "") -> ExampleSet:
-  """Union of two sets (R' = R + L): a new set that reads from both sources."""
+  """Union of two sets (R' = R + L): a set that reads its images through the two parts, so
+  images are cached (or not) once, in the part they belong to."""
   if a.shape != b.shape:
     raise ValueError(f"cannot join sets of image shapes {a.shape} and {b.shape}")
   na = len(a)
 
   def image(i):
-    return a.source.image(a.indices[i]) if i < na else b.source.image(b.indices[i - na])
+    part, p = (a, i) if i < na else (b, i - na)
+    return part.images(np.array([p]))[0]
 
   src = Source(f"{a.source.name}+{b.source.name}", a.source.split, np.zeros(0, np.int64), [],
                image)
-  out = ExampleSet(src, np.arange(na + len(b)), np.concatenate([a.labels, b.labels]),
-                   a.shape[0], a.shape[2], name, a.cache and b.cache)
-  if out.cache:  # images the parts have loaded already
-    out._cache[:na], out._loaded[:na] = a._cache, a._loaded  # pylint: disable=protected-access
-    out._cache[na:], out._loaded[na:] = b._cache, b._loaded  # pylint: disable=protected-access
-  return out
+  return ExampleSet(src, np.arange(na + len(b)), np.concatenate([a.labels, b.labels]),
+                    a.shape[0], a.shape[2], name, cache=False)
 
 
 @dataclasses.dataclass(frozen=True)
