@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 import zipfile
 from typing import Any, Callable, Iterable
 
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kswap_jax import workdir
 from kswap_jax.errors import UserError
 
 VISION_TRANSFORMER = "vision_transformer"
@@ -206,13 +206,5 @@ def save_npz(path: str, params: Any) -> None:
           for k, v in traverse_util.flatten_dict(params, sep="/").items()}
   flat = {k: v.astype(np.float32) if v.dtype == jnp.bfloat16 else v
           for k, v in flat.items()}
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **flat)
-    os.replace(tmp, path)
-  except BaseException:
-    os.remove(tmp)
-    raise
+  with workdir.atomic_file(path, "wb") as f:
+    np.savez(f, **flat)

@@ -11,6 +11,7 @@ Only process 0 writes the JSON files; orbax saves and restores collectively.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -39,16 +40,32 @@ def is_main() -> bool:
   return jax.process_index() == 0
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically (temp file + rename): a crash never leaves a half file."""
-  if not is_main():
-    return
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w"):
+  """Opens a temp file beside `path` and renames it to `path` when the block succeeds, with
+  the permissions a plain new file would get (umask); on an error it is removed. A crash or
+  an interrupt never leaves a half-written `path`, and never touches an existing one."""
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
-  with os.fdopen(fd, "w") as f:
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+  try:
+    with os.fdopen(fd, mode) as f:
+      yield f
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+  except BaseException:
+    os.remove(tmp)
+    raise
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically (`atomic_file`); only process 0 writes."""
+  if not is_main():
+    return
+  with atomic_file(path) as f:
     json.dump(obj, f, indent=1, default=_jsonable)
-  os.replace(tmp, path)
 
 
 def _jsonable(x):

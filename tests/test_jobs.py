@@ -203,3 +203,19 @@ def test_swap_imagenet100_config_on_mock_data(tmp_path, learn):
                               as_data_source_fn=imagenet_fn):
     res = swap_job.run(c, str(tmp_path / "run"))
   assert [r["after"] for r in res["evals"]] == ["pretrained", "learn", "forget"]
+
+
+def test_atomic_file_keeps_old_file_on_error_and_uses_umask_permissions(tmp_path):
+  path = tmp_path / "results.json"
+  old_mask = os.umask(0o027)
+  try:
+    workdir.write_json(str(path), {"a": 1})
+    assert (path.stat().st_mode & 0o777) == 0o640
+  finally:
+    os.umask(old_mask)
+  with pytest.raises(RuntimeError):
+    with workdir.atomic_file(str(path)) as f:
+      f.write('{"a": 2, "b"')
+      raise RuntimeError("interrupted")
+  assert workdir.read_json(str(path)) == {"a": 1}
+  assert os.listdir(tmp_path) == ["results.json"]  # no temp file left
