@@ -19,10 +19,11 @@ import os
 import platform
 import re
 import shutil
-import tempfile
+import uuid
 from typing import Any
 
 import jax
+from flax import traverse_util
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -42,18 +43,16 @@ def is_main() -> bool:
 
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = "w"):
-  """Opens a temp file beside `path` and renames it to `path` when the block succeeds, with
-  the permissions a plain new file would get (umask); on an error it is removed. A crash or
-  an interrupt never leaves a half-written `path`, and never touches an existing one."""
+  """Opens a temp file beside `path` and renames it to `path` when the block succeeds; on an
+  error it is removed. A crash or an interrupt never leaves a half-written `path`, and never
+  touches an existing one. The file gets the permissions of any new file (umask)."""
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+  tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}{os.path.splitext(path)[1]}")
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
     with os.fdopen(fd, mode) as f:
       yield f
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
   except BaseException:
     os.remove(tmp)
@@ -90,7 +89,8 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   new = json.loads(config.to_json_best_effort())
   old = read_json(path)
   if old is not None:
-    old_flat, new_flat = _flatten(old), _flatten(new)
+    old_flat, new_flat = (traverse_util.flatten_dict(c, sep=".", keep_empty_nodes=True)
+                          for c in (old, new))
     diff = sorted(k for k in set(old_flat) | set(new_flat)
                   if not _resumable(k)
                   and old_flat.get(k, "<unset>") != new_flat.get(k, "<unset>"))
@@ -143,17 +143,6 @@ def _processor() -> str:
   except OSError:
     pass
   return platform.processor()
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  """{"a": {"b": 1}} -> {"a.b": 1}; an empty dict stays a value."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict) and v:
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
 
 
 class Checkpoints:
