@@ -1,5 +1,5 @@
 """Speed of the attention core against the matmul peak: the (B*N)-batched products of
-`vit.einsum_attention`, alone and in one forward + backward pass.
+`fast_ops.einsum_attention`, alone and in one forward + backward pass.
 
 Rows (GS-LoRA face shapes by default: 16 images x 8 heads, 197 tokens, head width 64):
   QK^T / PV at T tokens   one batched product "xth,xsh->xts" / "xts,xsh->xth", for T = 197 and
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from kswap_jax import host_memory, workdir
-from kswap_jax.models import vit
+from kswap_jax.models import fast_ops
 from kswap_jax.progress import table
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -64,7 +64,7 @@ def main():
                       repeats=args.repeats))
   q, k, v, dy = (jax.random.normal(key, (args.images, args.tokens, args.heads, h))
                  for key in keys[1:])
-  grad = jax.grad(lambda q, k, v, dy: jnp.sum(vit.einsum_attention(q, k, v) * dy), (0, 1, 2))
+  grad = jax.grad(lambda q, k, v, dy: jnp.sum(fast_ops.einsum_attention(q, k, v) * dy), (0, 1, 2))
   rows.append(timed("attention fwd+bwd", grad, q, k, v, dy, repeats=args.repeats))
   m = jax.random.normal(keys[4], (2048, 2048))
   rows.append(timed("peak 2048^2 matmul", lambda a, b: a @ b, m, m, repeats=args.repeats))

@@ -1,10 +1,10 @@
 """Time of one training-mode dropout (mask draw + select) on an activation, three ways.
 
-  nn.Dropout      flax's: one float uniform per entry from `jax.random.bernoulli`;
-  random.bits16   16-bit draws, two per 32-bit word of `jax.random.bits` (JAX's threefry,
-                  which XLA:CPU runs as a loop writing its state to memory);
-  vit.Dropout     the library's: 16-bit draws from `vit.threefry2x32` written out round by
-                  round, hashed in one fused pass.
+  nn.Dropout        flax's: one float uniform per entry from `jax.random.bernoulli`;
+  random.bits16     16-bit draws, two per 32-bit word of `jax.random.bits` (JAX's threefry,
+                    which XLA:CPU runs as a loop writing its state to memory);
+  fast_ops.Dropout  the library's: 16-bit draws from `fast_ops.threefry2x32` written out round
+                    by round, hashed in one fused pass.
 
 All three draw with the same key implementation (threefry2x32) and rate. Shapes default to the
 GS-LoRA face update's activations (16 images x 197 tokens, widths 512 and 2048). Timed in
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kswap_jax import host_memory, workdir
-from kswap_jax.models import vit
+from kswap_jax.models import fast_ops
 from kswap_jax.progress import table
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -56,7 +56,7 @@ def main():
   host_memory.retain_freed_memory()
 
   impls = {"nn.Dropout": module_dropout(nn.Dropout), "random.bits16": random_bits16,
-           "vit.Dropout": module_dropout(vit.Dropout)}
+           "fast_ops.Dropout": module_dropout(fast_ops.Dropout)}
   fns = {name: jax.jit(fn, static_argnums=2) for name, fn in impls.items()}
   key = jax.random.key(0)
   rows = []

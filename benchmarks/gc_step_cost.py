@@ -20,7 +20,8 @@ import jax
 import ml_collections
 import step_timing
 
-from kswap_jax import dtl, sharding, train, workdir
+from kswap_jax import heads, sharding, train, workdir
+from kswap_jax.methods import dispose
 from kswap_jax.models import vit
 from kswap_jax.progress import table
 
@@ -45,9 +46,9 @@ def main():
                                        dtype="float32"))
   net = train.Network(vit.make_model(cfg))
   params = vit.init_params(net.model, jax.random.key(0), shape)
-  source_head = dtl.reset_head(params, 5, jax.random.key(1))["head"]
+  source_head = heads.reset_head(params, 5, jax.random.key(1))["head"]
   tx = train.make_optimizer()
-  hparams = {"lr": 1e-3, "weight_decay": 0.05, **{k: 1.0 for k in dtl.HPARAMS}}
+  hparams = {"lr": 1e-3, "weight_decay": 0.05, **{k: 1.0 for k in dispose.HPARAMS}}
   mesh = sharding.make_mesh()
   state = train.init_state(params, None, ".*", hparams, 0, tx)
   rng = jax.random.split(jax.random.key(2))
@@ -55,7 +56,7 @@ def main():
              "source": step_timing.random_batch(rng[1], args.source_batch_size, shape, 5)}
 
   def step(method, k=2):
-    loss = dtl.disposal_loss(net, source_head, method, num_splits=k)
+    loss = dispose.disposal_loss(net, source_head, method, num_splits=k)
     return train.make_step(loss, tx, lambda s: 1.0)
 
   rows = [{"step": "plain", "K": "-",

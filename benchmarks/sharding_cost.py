@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from kswap_jax import lora as lora_lib
-from kswap_jax import sharding, swap, train, workdir
+from kswap_jax import sharding, train, workdir
+from kswap_jax.methods import swap
 from kswap_jax.models import vit
 from kswap_jax.progress import table
 

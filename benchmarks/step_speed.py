@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import ml_collections
 import step_timing
 
-from kswap_jax import continual, heads, host_memory, lora as lora_lib, sharding, train
-from kswap_jax import workdir
+from kswap_jax import heads, host_memory, lora as lora_lib, sharding, train, workdir
+from kswap_jax.methods import forget
 from kswap_jax.models import vit
 from kswap_jax.progress import table
 
@@ -78,7 +78,7 @@ def setup(name: str, rng_impl: str, dtype: str):
   tx = train.make_optimizer()
   state = train.init_state(params, lora, "", {"lr": 1e-2, "weight_decay": 0.05, **WEIGHTS}, 0,
                            tx, rng_impl)
-  loss = continual.make_loss(continual.get_method("gs_lora"), net, "block", warmup_steps=0)
+  loss = forget.make_loss(forget.get_method("gs_lora"), net, "block", warmup_steps=0)
   step = train.make_step(loss, tx, lambda s: 1.0, rng_impl)
 
   r, f = jax.random.split(jax.random.key(2))

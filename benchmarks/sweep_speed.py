@@ -23,9 +23,7 @@ import jax
 from ml_collections import config_flags
 
 from kswap_jax import sweep, workdir
-from kswap_jax.jobs import pretrain as pretrain_job
-from kswap_jax.jobs import swap as swap_job
-from kswap_jax.jobs import sweep as sweep_job
+from kswap_jax import methods, runner, sharding
 from kswap_jax.progress import table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,8 +58,8 @@ def timed(fn) -> dict:
 def updates(config, n_members: int) -> int:
   """Member-updates of the sweep: steps of every stage x members."""
   base = config.base
-  _, _, _, sets, _ = swap_job.prepare(base, "")
-  return n_members * sum(s for _, s, _, _ in swap_job.stage_inputs(base, sets, None))
+  rec = methods.get("swap")(base, "", base.init.checkpoint, sharding.make_mesh(base.mesh))
+  return n_members * sum(st.num_steps for st in rec.stages())
 
 
 def main():
@@ -82,12 +80,12 @@ def main():
   config.log_every = base.log_every = 10**6
   assignments = sweep.expand(config.grid, config.members)
   with tempfile.TemporaryDirectory() as tmp:
-    pretrain_job.run(base.init.pretrain, os.path.join(tmp, "pretrain"))
+    runner.run("pretrain", base.init.pretrain, os.path.join(tmp, "pretrain"))
     base.init.checkpoint = os.path.join(tmp, "pretrain")
     n_updates = updates(config, len(assignments))
-    rows = [{"mode": "vmapped sweep", **timed(lambda: sweep_job.run(config, f"{tmp}/sweep"))}]
+    rows = [{"mode": "vmapped sweep", **timed(lambda: runner.sweep(config, f"{tmp}/sweep"))}]
     rows.append({"mode": "sequential runs", **timed(lambda: [
-        swap_job.run(sweep.member_config(base, a), f"{tmp}/single_{i}")
+        runner.run("swap", sweep.member_config(base, a), f"{tmp}/single_{i}")
         for i, a in enumerate(assignments)])})
   for r in rows:
     r["member_updates"] = n_updates

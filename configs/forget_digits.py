@@ -13,7 +13,8 @@ import os
 
 import ml_collections
 
-from kswap_jax import config_lib, continual
+from kswap_jax import config_lib
+from kswap_jax.methods import forget
 
 
 def get_config(arg=None):
@@ -27,7 +28,7 @@ def get_config(arg=None):
       retain=dict(fraction=0.1, per_class=0),   # per_class=k: k-shot retain data instead
       forget=dict(fraction=1.0, per_class=0)))
   c.tasks = ml_collections.ConfigDict(dict(forget=[], per_task=2, num_tasks=4,
-                                           order_seed=continual.PROTOCOL_SEED))
+                                           order_seed=forget.PROTOCOL_SEED))
   c.model = ml_collections.ConfigDict(dict(dropout=0.0, dtype="float32", attention="einsum"))
   c.init = ml_collections.ConfigDict(dict(checkpoint="", pretrain=_pretrain(a)))
   c.lora = config_lib.lora(rank=8, alpha=1.0, a_init="small")
@@ -38,7 +39,7 @@ def get_config(arg=None):
   c.weights = ml_collections.ConfigDict(dict(
       beta=[0.2, 0.2, 0.2, 0.2], bound=10.0, alpha=1e-3, proto_bound=18.0, w_f=0.05, w_r=0.05))
   c.train = ml_collections.ConfigDict(dict(
-      batch_size=8, epochs=20, warmup_epochs=5, lr=continual.get_method(a.method).lr,
+      batch_size=8, epochs=20, warmup_epochs=5, lr=forget.get_method(a.method).lr,
       lr_end=1e-5, weight_decay=0.05))
   c.select_best = True
   c.eval_every_epochs = 1

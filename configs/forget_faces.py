@@ -17,8 +17,9 @@ runlocal.
 """
 import ml_collections
 
-from kswap_jax import config_lib, continual
+from kswap_jax import config_lib
 from kswap_jax.errors import UserError
+from kswap_jax.methods import forget
 
 
 def get_config(arg=None):
@@ -39,7 +40,7 @@ def get_config(arg=None):
                                           forget=dict(fraction=1.0, per_class=0)))
   c.tasks = ml_collections.ConfigDict(dict(forget=[], per_task=a.per_task,
                                            num_tasks=a.num_tasks,
-                                           order_seed=continual.PROTOCOL_SEED))
+                                           order_seed=forget.PROTOCOL_SEED))
   c.model = ml_collections.ConfigDict(dict(variant="F6/8", dropout=0.1, dtype="float32",
                                            attention="einsum"))
   c.init = ml_collections.ConfigDict(dict(checkpoint=a.ckpt, pretrain=_pretrain(a, c)))

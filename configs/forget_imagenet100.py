@@ -14,7 +14,8 @@ Arguments: ckpt, classes, method, seed, group, per_task, num_tasks, runlocal.
 """
 import ml_collections
 
-from kswap_jax import config_lib, continual
+from kswap_jax import config_lib
+from kswap_jax.methods import forget
 
 
 def get_config(arg=None):
@@ -29,7 +30,7 @@ def get_config(arg=None):
                                           forget=dict(fraction=1.0, per_class=0)))
   c.tasks = ml_collections.ConfigDict(dict(forget=[], per_task=a.per_task,
                                            num_tasks=a.num_tasks,
-                                           order_seed=continual.PROTOCOL_SEED))
+                                           order_seed=forget.PROTOCOL_SEED))
   c.model = ml_collections.ConfigDict(dict(variant="B/16", dropout=0.0, dtype="float32",
                                            attention="einsum"))
   c.init = ml_collections.ConfigDict(dict(checkpoint=a.ckpt, dataset="imagenet2012",

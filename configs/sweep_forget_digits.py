@@ -9,7 +9,7 @@ the base seed's), runlocal.
 Train / validation / test: train[:90%] / train[90%:] / test; each task's LoRA is chosen on
 validation H (select_best), the best member maximises the mean validation H over tasks, and
 the pretrained model never sees the validation images.
-Vmapped keys: seed, train.lr, train.weight_decay, weights.* (kswap_jax.sweep.SWEEPABLE);
+Vmapped keys: seed, train.lr, train.weight_decay, weights.* (the forget recipe's `sweepable`);
 other keys of the base config (e.g. lora.rank, method) make groups run one after another;
 weights.beta takes one number for every task or a list with one value per task.
 """

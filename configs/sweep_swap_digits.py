@@ -7,7 +7,7 @@
 Arguments: order, seed (the base run's; data order stays the base seed's), runlocal.
 Train / validation / test: train[:90%] / train[90%:] / test; the best member is chosen on
 validation, and the pretrained model never sees the validation images.
-Vmapped keys: seed, train.lr, train.weight_decay, weights.* (kswap_jax.sweep.SWEEPABLE);
+Vmapped keys: seed, train.lr, train.weight_decay, weights.* (the swap recipe's `sweepable`);
 other keys of the base config (e.g. lora.rank, order) make groups run one after another.
 """
 import os

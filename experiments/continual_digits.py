@@ -22,8 +22,7 @@ import jax
 import matplotlib
 import numpy as np
 
-from kswap_jax import config_lib, workdir
-from kswap_jax.jobs import forget, pretrain
+from kswap_jax import config_lib, runner, workdir
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -51,7 +50,7 @@ def run_all(root: str) -> tuple[dict, dict]:
   pre_cfg = load_config("seed=0").init.pretrain
   pre_cfg.log_every = 10**6
   pre_dir = os.path.join(root, "pretrain")
-  pre = quiet(pretrain.run, pre_cfg, pre_dir)
+  pre = quiet(runner.run, "pretrain", pre_cfg, pre_dir)
   print(f"pretrained Mu/2: test top-1 {pre['test_accuracy']:.2f}%", flush=True)
   runs = {}
   for method in METHODS:
@@ -61,7 +60,7 @@ def run_all(root: str) -> tuple[dict, dict]:
       c.init.checkpoint = os.path.join(pre_dir, "model")
       c.log_every = 10**6
       t0 = time.time()
-      runs[method].append(quiet(forget.run, c, os.path.join(root, f"{method}_{seed}")))
+      runs[method].append(quiet(runner.run, "forget", c, os.path.join(root, f"{method}_{seed}")))
       rows = runs[method][-1]["tasks"]
       print(f"{method:12s} seed {seed}: H " + " ".join(f"{r['H']:6.2f}" for r in rows)
             + f"  ({time.time() - t0:.0f} s)", flush=True)

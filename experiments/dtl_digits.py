@@ -24,8 +24,7 @@ import jax
 import matplotlib
 import numpy as np
 
-from kswap_jax import config_lib, workdir
-from kswap_jax.jobs import dispose
+from kswap_jax import config_lib, runner, workdir
 from kswap_jax.progress import say, table
 
 matplotlib.use("Agg")
@@ -52,7 +51,7 @@ def run_seed(seed: int, root: str) -> dict:
     if method != "none":
       config.init.checkpoint = os.path.join(root, f"seed{seed}_none", "pretrain")
       config.pl.models = ("scrubbed",)
-    out[method] = dispose.run(config, os.path.join(root, f"seed{seed}_{method}"))
+    out[method] = runner.run("dispose", config, os.path.join(root, f"seed{seed}_{method}"))
     transfer = [r for r in out[method]["evals"] if r["after"] == "transfer"]
     want = [r for r in out["none"]["evals"] if r["after"] == "transfer"]
     if transfer != want:

@@ -15,8 +15,7 @@ import tempfile
 import matplotlib
 import numpy as np
 
-from kswap_jax import config_lib
-from kswap_jax.jobs import swap as swap_job
+from kswap_jax import config_lib, runner
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -44,11 +43,10 @@ def main():
     for seed in args.seeds:
       first = _config("lbf", seed, "")
       pre_dir = os.path.join(tmp, f"seed{seed}")
-      from kswap_jax.jobs import pretrain
-      pretrain.run(first.init.pretrain, os.path.join(pre_dir, "pretrain"))
+      runner.run("pretrain", first.init.pretrain, os.path.join(pre_dir, "pretrain"))
       pretrained = os.path.join(pre_dir, "pretrain")
       for order in ORDERS + ("learn", "forget"):
-        res = swap_job.run(_config(order, seed, pretrained), os.path.join(tmp, f"{order}{seed}"))
+        res = runner.run("swap", _config(order, seed, pretrained), os.path.join(tmp, f"{order}{seed}"))
         final = res["evals"][-1]
         if order in ORDERS:
           rows.append({"order": order, "seed": seed, **{k: final[k] for k in

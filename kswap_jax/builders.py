@@ -1,13 +1,12 @@
-"""Turns config sections into data sets, networks and initial models."""
+"""Turns config sections into data sets, networks and the model a run starts from."""
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import ml_collections
 
-from kswap_jax import checkpoints, train, workdir
+from kswap_jax import checkpoints, npz, train
 from kswap_jax.data import pipeline, sources
 from kswap_jax.errors import UserError
 from kswap_jax.models import vit
@@ -58,6 +57,29 @@ def label_space(data: ml_collections.ConfigDict, dataset: str, classes,
   return pipeline.LabelSpace(tuple((dataset, c, src.class_names[c]) for c in ids))
 
 
+def check_sets(config: ml_collections.ConfigDict) -> None:
+  """Opens every class set a run config names (data, sets.*, target, source, pl.data, init,
+  and its init.pretrain's): a bad dataset, split or class is refused before any training."""
+  data = config.get("data")
+  if data is None:
+    return
+
+  def visit(node, path: str):
+    if "dataset" in node and "classes" in node:
+      for which in ("train", "test"):
+        split = node.get(f"{which}_split") or data[f"{which}_split"]
+        names = source(data, node.dataset, split).class_names
+        if which == "train":
+          sources.parse_classes(node.classes, names, f"{path}classes")
+    for key, child in node.items():
+      if isinstance(child, ml_collections.ConfigDict) and key != "pretrain":
+        visit(child, f"{path}{key}.")
+
+  visit(config, "")
+  if "init" in config and "pretrain" in config.init:
+    check_sets(config.init.pretrain)
+
+
 def network(config: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict,
             ) -> train.Network:
   lora = config.get("lora")
@@ -66,31 +88,30 @@ def network(config: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigD
                        std=config.data.std, rng_impl=config.get("rng_impl", "threefry2x32"))
 
 
-def initial_model(config: ml_collections.ConfigDict, run_dir: str,
+def initial_model(config: ml_collections.ConfigDict, checkpoint: str,
                   ) -> tuple[dict, ml_collections.ConfigDict, pipeline.LabelSpace]:
-  """(params, model config, label space) named by config.init.
+  """(params, model config, label space) of the model a run starts from.
 
-  init.checkpoint: an exported model (a pretrain workdir or its model/ folder), or empty to
-  run the pretrain job of `init.pretrain` in `run_dir/pretrain` first (reused when done).
+  checkpoint: an exported model (a workdir or its model/ folder), or a pretrained `.npz`, whose
+  head's classes `config.init.dataset` / `config.init.classes` name.
   """
-  ckpt = config.init.get("checkpoint", "")
-  if not ckpt:
-    if "pretrain" not in config.init:
-      raise UserError("init.checkpoint is empty and there is no init.pretrain config; give an "
-                      "exported model directory")
-    from kswap_jax.jobs import pretrain  # pylint: disable=g-import-not-at-top
-    ckpt = os.path.join(run_dir, "pretrain")
-    if not os.path.exists(os.path.join(ckpt, "model", "model.json")):
-      pretrain.run(config.init.pretrain, ckpt)
-  if ckpt.endswith(".npz"):
+  if not checkpoint:
+    raise UserError("init.checkpoint is empty and there is no init.pretrain config; give an "
+                    "exported model directory or a .npz file")
+  if checkpoint.endswith(".npz"):
     model_cfg = ml_collections.ConfigDict(config.model)
-    labels = label_space(config.data, config.init.dataset, config.init.classes, "init.classes")
+    init = config.init
+    named = init if "dataset" in init else init.get("pretrain", {}).get("data")
+    if named is None:
+      raise UserError("a .npz init.checkpoint needs init.dataset and init.classes, the classes "
+                      "of its head")
+    labels = label_space(config.data, named.dataset, named.classes, "init.classes")
     model_cfg.num_classes = len(labels)
     model = vit.make_model(model_cfg)
     init = vit.init_params(model, jax.random.key(config.seed),
                            (config.data.image_size, config.data.image_size, config.data.channels))
-    return checkpoints.load_pretrained(ckpt, init), model_cfg, labels
-  params, meta = workdir.load_model(ckpt)
+    return npz.load_pretrained(checkpoint, init), model_cfg, labels
+  params, meta = checkpoints.load_model(checkpoint)
   model_cfg = ml_collections.ConfigDict(meta["model"])
   for k in ("dropout", "dtype", "attention"):  # run-time choices of this job, not the checkpoint's
     if k in config.get("model", {}):

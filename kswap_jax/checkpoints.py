@@ -1,210 +1,120 @@
-"""Pretrained ViT `.npz` checkpoints: load into a `models.vit.ViT` params tree, export.
+"""orbax checkpoints of a run: the train state every N steps, and exported models.
 
-Two layouts are read, told apart by their keys (flat, '/'-joined):
+  workdir/checkpoints/<step> train-state checkpoints (last K kept), to resume a run
+  workdir/model/             exported model: params (orbax) + model.json (config, classes)
 
-  vision_transformer (also AugReg): pre-Linen block names `MultiHeadDotProductAttention_1`,
-    `LayerNorm_2`, `MlpBlock_3`, and `Transformer/posembed_input/pos_embedding` (1, 1+N, D)
-    whose first row belongs to the class token.
-  big_vision: our names; `pos_embedding` (1, N, D) at the top level, no class row; maybe under
-    `params/`; maybe with scanned blocks `Transformer/encoderblock/...` stacked on axis 0.
-
-The class row is folded into `cls` (the model adds no position embedding to the class token),
-so the loaded model computes the same function as the original one.
+orbax saves and restores collectively; only process 0 writes model.json and moves folders.
 """
 from __future__ import annotations
 
-import math
 import os
-import re
-import zipfile
-from typing import Any, Callable, Iterable
+import shutil
 
-from absl import logging
-from flax import traverse_util
 import jax
-import jax.numpy as jnp
-import numpy as np
+import ml_collections
+import orbax.checkpoint as ocp
 
 from kswap_jax import workdir
 from kswap_jax.errors import UserError
 
-VISION_TRANSFORMER = "vision_transformer"
-BIG_VISION = "big_vision"
 
-# vision_transformer name -> our name, applied in order to every key.
-_VIT_RENAMES = (
-    (re.compile(r"^Transformer/posembed_input/pos_embedding$"), "pos_embedding"),
-    (re.compile(r"^(Transformer/encoderblock_\d+)/MultiHeadDotProductAttention_1/"),
-     r"\1/MultiHeadDotProductAttention_0/"),
-    (re.compile(r"^(Transformer/encoderblock_\d+)/LayerNorm_2/"), r"\1/LayerNorm_1/"),
-    (re.compile(r"^(Transformer/encoderblock_\d+)/MlpBlock_3/"), r"\1/MlpBlock_0/"),
-)
-_SCANNED = "Transformer/encoderblock/"
-_MAX_LISTED = 5
+class Checkpoints:
+  """orbax CheckpointManager for the train state: save every N steps, keep K, resume."""
+
+  def __init__(self, directory: str, every_steps: int, keep: int):
+    self.every = every_steps
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def restore(self, state):
+    """The newest checkpoint that restores onto the shardings and shapes of `state`, or None.
+
+    A newer one that does not restore (a truncated file, a crash mid-write) is set aside as
+    corrupt_<step> beside the others, never deleted, and the run resumes from the one before.
+    """
+    target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    failed = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+      except Exception as e:  # pylint: disable=broad-except
+        failed.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+        continue
+      for bad, why in failed:
+        self._set_aside(bad, why, step)
+      return restored
+    if failed:
+      step, why = failed[0]
+      raise UserError(f"no checkpoint in {self.manager.directory} restores onto this run's state "
+                      f"(step {step}: {why}); they are corrupt or from another run; use a new "
+                      "--workdir")
+    return None
+
+  def _set_aside(self, step: int, why: str, resume: int) -> None:
+    directory = os.fspath(self.manager.directory)
+    aside = os.path.join(directory, f"corrupt_{step}")
+    n = 1
+    while os.path.exists(aside):
+      aside, n = os.path.join(directory, f"corrupt_{step}.{n}"), n + 1
+    if workdir.is_main():
+      os.replace(os.path.join(directory, str(step)), aside)
+      print(f"checkpoint {directory}/{step} does not restore ({why}); kept as {aside}, "
+            f"resuming from step {resume}", flush=True)
+    self.manager.reload()
+
+  def due(self, step: int, force: bool = False) -> bool:
+    """Whether `maybe_save(step, ..., force)` writes a checkpoint."""
+    return ((force or bool(self.every and step % self.every == 0))
+            and self.manager.latest_step() != step)
+
+  def maybe_save(self, step: int, state, force: bool = False) -> None:
+    if self.due(step, force):
+      self.manager.save(step, args=ocp.args.StandardSave(state))
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
 
 
-def read_npz(path: str) -> dict[str, np.ndarray]:
-  """All arrays of an `.npz` file by key."""
-  if not os.path.isfile(path):
-    raise UserError(f"pretrained checkpoint not found: {path}")
-  try:
-    f = np.load(path, allow_pickle=False)
-    if not isinstance(f, np.lib.npyio.NpzFile):
-      raise ValueError("not an .npz archive")
-    with f:
-      return {k: f[k] for k in f.files}
-  except (OSError, ValueError, zipfile.BadZipFile) as e:
-    raise UserError(f"could not read pretrained checkpoint {path} as .npz "
-                    f"({type(e).__name__}: {e}); give a .npz file of ViT params") from None
-
-
-def detect_format(keys: Iterable[str]) -> str:
-  """VISION_TRANSFORMER if the keys use its names, else BIG_VISION."""
-  vit = re.compile(r"(^|/)(posembed_input|MultiHeadDotProductAttention_1|MlpBlock_3)/")
-  return VISION_TRANSFORMER if any(vit.search(k) for k in keys) else BIG_VISION
-
-
-def _strip_params_prefix(flat: dict[str, Any]) -> dict[str, Any]:
-  """Drops a `params/` prefix shared by all keys."""
-  if flat and all(k.startswith("params/") for k in flat):
-    return {k[len("params/"):]: v for k, v in flat.items()}
-  return flat
-
-
-def _vit_name(key: str) -> str:
-  for pattern, repl in _VIT_RENAMES:
-    key = pattern.sub(repl, key)
-  return key
-
-
-def _unscan(flat: dict[str, Any]) -> dict[str, Any]:
-  """`Transformer/encoderblock/X` (depth, ...) -> `Transformer/encoderblock_{i}/X` (...)."""
-  out = {}
-  for k, v in flat.items():
-    if k.startswith(_SCANNED):
-      for i, block in enumerate(v):
-        out[f"Transformer/encoderblock_{i}/{k[len(_SCANNED):]}"] = block
+def export_model(directory: str, params, model_config: ml_collections.ConfigDict,
+                 label_space: list, extra: dict | None = None) -> None:
+  """Writes params (orbax) and model.json; a failed export leaves an older one intact."""
+  directory = os.path.abspath(directory)
+  tmp = directory + ".tmp"
+  ckptr = ocp.StandardCheckpointer()
+  if os.path.exists(tmp) and workdir.is_main():
+    shutil.rmtree(tmp)
+  ckptr.save(os.path.join(tmp, "params"), params)
+  ckptr.wait_until_finished()
+  workdir.write_json(os.path.join(tmp, "model.json"),
+                     {"model": model_config.to_dict(), "classes": label_space, **(extra or {})})
+  if workdir.is_main():
+    if os.path.exists(directory):
+      old = directory + ".old"
+      os.replace(directory, old)
+      os.replace(tmp, directory)
+      shutil.rmtree(old)
     else:
-      out[k] = v
-  return out
+      os.replace(tmp, directory)
 
 
-def _fold_class_row(flat: dict[str, Any]) -> dict[str, Any]:
-  """pos_embedding (1, 1+N, D) with a class row -> (1, N, D); the row is added to cls (1, 1, D)."""
-  pos, cls = flat.get("pos_embedding"), flat.get("cls")
-  if pos is None or cls is None or pos.ndim != 3:
-    return flat
-  out = dict(flat, pos_embedding=pos[:, 1:])
-  if cls.shape == pos[:, :1].shape:
-    out["cls"] = (cls.astype(np.float32) + pos[:, :1].astype(np.float32)).astype(cls.dtype)
-  return out
-
-
-def resample_posemb(posemb: np.ndarray, num_tokens: int) -> np.ndarray:
-  """Bilinear resize of a square grid of position embeddings: (1, N, D) -> (1, num_tokens, D)."""
-  old, new = math.isqrt(posemb.shape[1]), math.isqrt(num_tokens)
-  if old * old != posemb.shape[1] or new * new != num_tokens:
-    raise UserError(f"cannot resample position embeddings from {posemb.shape[1]} to {num_tokens} "
-                    "tokens: only square patch grids are supported; use square images")
-  grid = jnp.asarray(posemb[0], jnp.float32).reshape(old, old, -1)
-  grid = jax.image.resize(grid, (new, new, grid.shape[-1]), method="bilinear")
-  return np.asarray(grid).reshape(1, num_tokens, -1).astype(posemb.dtype)
-
-
-def _matcher(dont_load: Iterable[str]) -> Callable[[str], bool]:
-  """Full-match of a name against any of the regexes."""
-  try:
-    patterns = [re.compile(p) for p in dont_load]
-  except re.error as e:
-    raise UserError(f"dont_load regex {e.pattern!r} is invalid ({e}); give Python regexes "
-                    "matching whole 'a/b/leaf' param names, e.g. 'head/.*'") from None
-  return lambda name: any(p.fullmatch(name) for p in patterns)
-
-
-def _adapt_head(flat: dict[str, Any], init: dict[str, Any]) -> dict[str, Any]:
-  """Drops pre_logits absent from the model; uses the initial head if its shapes differ."""
-  out = dict(flat)
-  if not any(k.startswith("pre_logits/") for k in init):
-    dropped = [k for k in out if k.startswith("pre_logits/")]
-    for k in dropped:
-      del out[k]
-    if dropped:
-      logging.info("load_pretrained: dropping pre_logits (the model has no representation layer)")
-  heads = [k for k in init if k.startswith("head/")]
-  if any(k in out and np.shape(out[k]) != np.shape(init[k]) for k in heads):
-    logging.info("load_pretrained: keeping the initial head: checkpoint head/kernel %s vs model %s",
-                 np.shape(out.get("head/kernel")), np.shape(init.get("head/kernel")))
-    out.update({k: init[k] for k in heads})
-  return out
-
-
-def _shape(s) -> str:
-  return "(" + ",".join(map(str, s)) + ")"
-
-
-def _listed(names: list[str]) -> str:
-  more = len(names) - _MAX_LISTED
-  return ", ".join(names[:_MAX_LISTED]) + (f" ... and {more} more" if more > 0 else "")
-
-
-def _check_fit(path: str, fmt: str, flat: dict[str, Any], init: dict[str, Any],
-               file_key: dict[str, str]) -> None:
-  """Raises a one-line UserError naming missing, unexpected and mis-shaped params."""
-  missing = sorted(k for k in init if k not in flat)
-  unexpected = sorted(file_key.get(k, k) for k in flat if k not in init)
-  mismatched = sorted(f"{k}: file {_shape(np.shape(flat[k]))} vs model {_shape(np.shape(v))}"
-                      for k, v in init.items() if k in flat and np.shape(flat[k]) != np.shape(v))
-  problems = [f"{label}: {_listed(names)}" for label, names in (
-      ("missing in file", missing), ("unexpected in file", unexpected),
-      ("shape mismatch", mismatched)) if names]
-  if problems:
-    raise UserError(f"pretrained checkpoint {path} ({fmt} format) does not fit the model: "
-                    f"{'; '.join(problems)}; change the model variant to match the checkpoint "
-                    "or keep initial values with dont_load regexes")
-
-
-def load_pretrained(path: str, init_params: Any, dont_load: Iterable[str] = ()) -> Any:
-  """Pretrained params from a ViT `.npz` file, shaped like `init_params`.
-
-  Args:
-    path: a vision_transformer/AugReg or big_vision `.npz` file.
-    init_params: params of the target `ViT` (structure, shapes, dtypes and fallback values).
-    dont_load: regexes; params whose 'a/b/leaf' name fully matches one keep their initial value.
-
-  Returns:
-    A tree like `init_params` (same dtypes). The head keeps its initial value when its shape
-    differs (another class count); pre_logits absent from the model are dropped; position
-    embeddings are resized bilinearly to the model's grid.
-  """
-  skip = _matcher(dont_load)
-  raw = _strip_params_prefix(read_npz(path))
-  fmt = detect_format(raw)
-  file_key = {(_vit_name(k) if fmt == VISION_TRANSFORMER else k): k for k in raw}
-  flat = _unscan({k: raw[v] for k, v in file_key.items()})
-  if fmt == VISION_TRANSFORMER:
-    flat = _fold_class_row(flat)
-  init = traverse_util.flatten_dict(init_params, sep="/")
-  flat = {k: v for k, v in flat.items() if not skip(k)}
-  flat.update({k: v for k, v in init.items() if skip(k)})
-  flat = _adapt_head(flat, init)
-  pos, pos_init = flat.get("pos_embedding"), init.get("pos_embedding")
-  if (pos is not None and pos_init is not None and pos.ndim == 3 and pos.shape[0] == 1
-      and pos.shape[1] != pos_init.shape[1] and pos.shape[2] == pos_init.shape[2]):
-    logging.info("load_pretrained: resampling pos_embedding %s -> %s", pos.shape, pos_init.shape)
-    flat["pos_embedding"] = resample_posemb(pos, pos_init.shape[1])
-  _check_fit(path, fmt, flat, init, file_key)
-  loaded = {k: jnp.asarray(flat[k], dtype=v.dtype) for k, v in init.items()}
-  return traverse_util.unflatten_dict(loaded, sep="/")
-
-
-def save_npz(path: str, params: Any) -> None:
-  """Writes params as a big_vision-layout `.npz` ('/'-joined keys), atomically.
-
-  bfloat16 leaves are stored as float32 (numpy has no portable bfloat16 format).
-  """
-  flat = {k: np.asarray(jax.device_get(v))
-          for k, v in traverse_util.flatten_dict(params, sep="/").items()}
-  flat = {k: v.astype(np.float32) if v.dtype == jnp.bfloat16 else v
-          for k, v in flat.items()}
-  with workdir.atomic_file(path, "wb") as f:
-    np.savez(f, **flat)
+def load_model(directory: str) -> tuple[dict, dict]:
+  """(params, model.json dict) of an exported model; a run's workdir also works."""
+  for d in (directory, os.path.join(directory, "model")):
+    if os.path.exists(os.path.join(d, "model.json")):
+      try:
+        meta = workdir.read_json(os.path.join(d, "model.json"))
+        params = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(d, "params")))
+        if not isinstance(meta, dict) or not {"model", "classes"} <= set(meta) or not params:
+          raise ValueError("model.json needs 'model' and 'classes', and params/ a params tree")
+      except Exception as e:  # pylint: disable=broad-except
+        raise UserError(f"exported model {d} cannot be read ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160]}); export it again or give another "
+                        "model") from None
+      return params, meta
+  raise UserError(f"no exported model at {directory!r} (expected model.json there or in "
+                  f"its model/ folder); run a pretrain job first or give a .npz file")

@@ -1,11 +1,13 @@
 """Building blocks for the files in configs/: argument parsing and shared sections.
 
 A config file defines `get_config(arg)`; `arg` is the text after ':' in
-`--config configs/file.py:key=value,flag`, parsed by `parse_arg`.
+`--config configs/file.py:key=value,flag`, parsed by `parse_arg`. `check` refuses numeric
+fields out of range before a run starts.
 """
 from __future__ import annotations
 
 import importlib.util
+import numbers
 import os
 
 import ml_collections
@@ -42,8 +44,55 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     elif kind is bool:
       out[key] = value.lower() in ("1", "true", "yes")
     else:
-      out[key] = kind(value)
+      try:
+        out[key] = kind(value)
+      except ValueError:
+        raise UserError(f"config argument {key}={value!r} must be of type {kind.__name__}, like "
+                        f"its default {defaults[key]!r}") from None
   return out
+
+
+# Allowed values of numeric fields by name: (must be an int, range text, test). A rule of a node
+# (`epochs`, `lr`, `weights`) covers every number under it; the outermost named node decides,
+# so `weights.alpha` is a loss weight (>= 0) and `lora.alpha` a LoRA scale (> 0).
+_INT_POSITIVE = (True, ">= 1", lambda x: x >= 1)
+_INT_NONNEGATIVE = (True, ">= 0", lambda x: x >= 0)
+_POSITIVE = (False, "> 0", lambda x: x > 0)
+_NONNEGATIVE = (False, ">= 0", lambda x: x >= 0)
+_RULES = {
+    **dict.fromkeys(("batch_size", "eval_batch_size", "source_batch_size", "image_size",
+                     "channels", "rank", "num_splits", "steps", "num_tasks", "per_task", "keep",
+                     "log_every", "eval_every_epochs", "epochs"), _INT_POSITIVE),
+    **dict.fromkeys(("every_steps", "warmup_steps", "warmup_epochs", "per_class", "seed",
+                     "order_seed"), _INT_NONNEGATIVE),
+    **dict.fromkeys(("lr", "alpha", "scale"), _POSITIVE),
+    **dict.fromkeys(("lr_end", "weight_decay", "weights"), _NONNEGATIVE),
+    "dropout": (False, "in [0, 1)", lambda x: 0 <= x < 1),
+    "fraction": (False, "in (0, 1]", lambda x: 0 < x <= 1),
+}
+_UNCHECKED = ("grid", "members")  # a sweep's value lists; each member config is checked alone
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Refuses a numeric field outside its range (`_RULES`): UserError naming field, value, range."""
+
+  def walk(node: ml_collections.ConfigDict, prefix: str, rule: tuple | None) -> None:
+    for key, value in node.items():
+      if key in _UNCHECKED:
+        continue
+      path, field_rule = f"{prefix}{key}", rule or _RULES.get(key)
+      if isinstance(value, ml_collections.ConfigDict):
+        walk(value, f"{path}.", field_rule)
+      elif field_rule:
+        integer, allowed, ok = field_rule
+        kind = numbers.Integral if integer else numbers.Real
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not all(isinstance(v, kind) and not isinstance(v, bool) and ok(v) for v in values):
+          every = "every entry " if values is value else ""
+          raise UserError(f"config field {path}={value!r}: {every}must be "
+                          f"{'an int' if integer else 'a number'} {allowed}")
+
+  walk(config, "", None)
 
 
 def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -86,7 +135,7 @@ def gs_lora_paper(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict, be
   """The GS-LoRA papers' continual-forgetting settings (LoRA, head, weights, 100 epochs per
   task, validation every 5), shrunk for runlocal. `a` holds method, group, num_tasks, runlocal.
   """
-  from kswap_jax import continual  # pylint: disable=g-import-not-at-top
+  from kswap_jax.methods import forget  # pylint: disable=g-import-not-at-top
   c.lora = lora(rank=8, alpha=1.0, a_init="small")
   c.lora.a_init_first = "kaiming"
   c.head = ml_collections.ConfigDict(dict(kind=head, scale=64.0, margin=0.35,
@@ -95,7 +144,7 @@ def gs_lora_paper(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict, be
   c.weights = ml_collections.ConfigDict(dict(
       beta=beta, bound=105.0, alpha=1e-4, proto_bound=18.0, w_f=0.05, w_r=0.05))
   c.train = ml_collections.ConfigDict(dict(
-      batch_size=48, epochs=100, warmup_epochs=20, lr=continual.get_method(a.method).lr,
+      batch_size=48, epochs=100, warmup_epochs=20, lr=forget.get_method(a.method).lr,
       lr_end=1e-5, weight_decay=0.05))
   c.select_best = True
   c.eval_every_epochs = 5

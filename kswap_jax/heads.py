@@ -1,4 +1,4 @@
-"""Classifier heads on the ViT embedding: the model's linear head, or CosFace.
+"""Classifier heads on the ViT embedding: the model's linear head, or CosFace; head growth.
 
 CosFace reads the head kernel's columns as class centres:
 `logits = s * (cos(emb, w_k) - m * [k == y])` in training, plain `s * cos` at evaluation.
@@ -17,6 +17,26 @@ from kswap_jax import train
 from kswap_jax.errors import UserError
 
 HEADS = ("linear", "cosface")
+
+
+def grow_head(params, num_new: int, rng: jax.Array):
+  """Appends `num_new` head outputs: kernel columns xavier-uniform, bias zero."""
+  kernel, bias = params["head"]["kernel"], params["head"]["bias"]
+  new = jax.nn.initializers.xavier_uniform()(rng, (kernel.shape[0], num_new), kernel.dtype)
+  head = {"kernel": jnp.concatenate([kernel, new], 1),
+          "bias": jnp.concatenate([bias, jnp.zeros((num_new,), bias.dtype)])}
+  return {**params, "head": head}
+
+
+def reset_head(params, num_classes: int, rng: jax.Array):
+  """Params with a new head for `num_classes`: kernel (D, num_classes) xavier-uniform, bias 0."""
+  head = jax.tree_util.tree_map(lambda x: x[..., :0], params["head"])  # no outputs yet
+  return grow_head({**params, "head": head}, num_classes, rng)
+
+
+def head_logits(embedding: jax.Array, head) -> jax.Array:
+  """(B, D) embedding through a {"kernel": (D, K), "bias": (K,)} head -> (B, K) float32."""
+  return (embedding @ head["kernel"] + head["bias"]).astype(jnp.float32)
 
 
 def cosface(emb: jax.Array, kernel: jax.Array, labels: jax.Array | None, *, scale: float,

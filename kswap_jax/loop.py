@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 
-from kswap_jax.progress import Progress
-from kswap_jax.workdir import Checkpoints
+from kswap_jax.checkpoints import Checkpoints
+from kswap_jax.errors import UserError
+from kswap_jax.progress import Progress, say
 
 State = dict[str, Any]
 
@@ -17,6 +20,7 @@ class Stage:
   """`num_steps` updates of `step(state, batches(stage_step))`.
 
   begin(state) -> state runs when the stage starts fresh (not when resumed inside it);
+  after(state, stage_step) -> state runs after each update (model selection);
   end(state) runs when it finishes (evaluation, exports) and may run again on resume.
   """
   name: str
@@ -24,18 +28,26 @@ class Stage:
   step: Callable[[State, Any], tuple[State, dict]]
   batches: Callable[[int], Any]
   begin: Callable[[State], State] = lambda s: s
+  after: Callable[[State, int], State] = lambda s, i: s
   end: Callable[[State], None] = lambda s: None
 
 
 def run(state: State, stages: list[Stage], ckpts: Checkpoints, workdir: str,
-        log_every: int) -> State:
-  """Runs the stages from the latest checkpoint (or from the start) and returns the state."""
+        log_every: int, stop_nonfinite: bool = True) -> State:
+  """Runs the stages from the latest checkpoint (or from the start) and returns the state.
+
+  stop_nonfinite: stop with a `Diverged` error when a logged loss is not finite, and never
+  save a checkpoint whose trainable params are not (so the last checkpoint stays good); a
+  study, whose members may diverge alone, passes False.
+  """
   try:
     restored = ckpts.restore(state)
     if restored is not None:
       state = restored
     done = int(state["step"])
     offset = 0
+    if restored is not None:
+      _say_resume(stages, done)
     for st in stages:
       end = offset + st.num_steps
       if done > end:  # finished, and its end() ran before a later stage began
@@ -48,12 +60,52 @@ def run(state: State, stages: list[Stage], ckpts: Checkpoints, workdir: str,
         progress = Progress(workdir, st.num_steps, log_every, prefix=f"[{st.name}] ")
         for g in range(max(done, offset), end):
           state, metrics = st.step(state, st.batches(g - offset))
-          progress(g - offset + 1, metrics)
-          ckpts.maybe_save(g + 1, state)
-        ckpts.maybe_save(end, state, force=True)
+          state = st.after(state, g - offset)
+          logged = progress(g - offset + 1, metrics)
+          if stop_nonfinite and logged is not None and not math.isfinite(logged["loss"]):
+            raise Diverged(st.name, g - offset + 1, st.num_steps, logged, ckpts.latest_step())
+          _save(ckpts, g + 1, state, g + 1 == end, stop_nonfinite, st, g - offset + 1)
         done = end
       st.end(state)
       offset = end
   finally:  # an interrupted run still completes its last checkpoint save
     ckpts.close()
   return state
+
+
+class Diverged(UserError):
+  """Training produced a non-finite loss or params; the run stops, its checkpoints kept."""
+
+  def __init__(self, stage: str, step: int, total: int, metrics: dict | None, kept: int | None):
+    terms = ", ".join(f"{k} {v:.4g}" for k, v in (metrics or {}).items() if k != "lr")
+    what = f"loss {metrics['loss']:.4g} ({terms})" if metrics else "params are not finite"
+    keep = (f"the last checkpoint (step {kept}) is kept" if kept is not None
+            else "no checkpoint was saved")
+    super().__init__(f"training diverged at step {step} of {total} in stage {stage}: {what}; "
+                     f"{keep}; lower train.lr or the loss weights and start again in a new "
+                     "--workdir")
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _save(ckpts: Checkpoints, step: int, state: State, force: bool, stop_nonfinite: bool,
+          st: Stage, stage_step: int) -> None:
+  """A due checkpoint save; with stop_nonfinite, refuses to save non-finite params."""
+  if not ckpts.due(step, force):
+    return
+  if stop_nonfinite and not bool(_all_finite(state["trainable"])):
+    raise Diverged(st.name, stage_step, st.num_steps, None, ckpts.latest_step())
+  ckpts.maybe_save(step, state, force)
+
+
+def _say_resume(stages: list[Stage], done: int) -> None:
+  offset = 0
+  for st in stages:
+    if done < offset + st.num_steps or st is stages[-1]:
+      say(f"resuming from step {done}: stage {st.name}, step {done - offset} of "
+          f"{st.num_steps}")
+      return
+    offset += st.num_steps

@@ -12,15 +12,14 @@ into the kernels.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
+from kswap_jax import trees
 from kswap_jax.errors import UserError
 
 MLP_TARGETS = r"Transformer/encoderblock_\d+/MlpBlock_0/Dense_[01]"
@@ -30,9 +29,8 @@ Params = dict[str, Any]
 
 def target_paths(params: Params, targets: str) -> list[str]:
   """Paths ("a/b/c") of the kernels whose layer path fully matches the regex `targets`."""
-  flat = traverse_util.flatten_dict(params, sep="/")
-  paths = [k[: -len("/kernel")] for k in flat if k.endswith("/kernel")]
-  hits = [p for p in paths if re.fullmatch(targets, p)]
+  paths = [k[: -len("/kernel")] for k in trees.flatten(params) if k.endswith("/kernel")]
+  hits = trees.matching(paths, targets, "lora.targets")
   if not hits:
     raise UserError(f"lora.targets={targets!r} matches no layer; layers with kernels are e.g. "
                     f"{paths[:3]} ... {paths[-2:]}")
@@ -51,7 +49,7 @@ def init(rng: jax.Array, params: Params, *, rank: int, targets: str = MLP_TARGET
     raise UserError(f"lora.rank={rank} must be >= 1")
   if a_init not in ("kaiming", "small"):
     raise UserError(f"lora.a_init={a_init!r}; allowed: 'kaiming', 'small'")
-  flat = traverse_util.flatten_dict(params, sep="/")
+  flat = trees.flatten(params)
   paths = target_paths(params, targets)
   out = {}
   for path, key in zip(paths, jax.random.split(rng, len(paths))):
@@ -61,8 +59,7 @@ def init(rng: jax.Array, params: Params, *, rank: int, targets: str = MLP_TARGET
     bound = 1 / math.sqrt(fan_in) if a_init == "kaiming" else math.sqrt(6 / (51 * fan_in))
     out[path] = {"A": jax.random.uniform(key, (fan_in, rank), jnp.float32, -bound, bound),
                  "B": jnp.zeros((rank, fan_out), jnp.float32)}
-  return traverse_util.unflatten_dict(
-      {tuple(p.split("/")) + (m,): v for p, ab in out.items() for m, v in ab.items()})
+  return trees.unflatten({f"{p}/{m}": v for p, ab in out.items() for m, v in ab.items()})
 
 
 def _default_in_axes(path: str, kernel) -> int:
@@ -71,9 +68,8 @@ def _default_in_axes(path: str, kernel) -> int:
 
 def layers(lora: Params) -> dict[str, dict[str, jax.Array]]:
   """{"a/b/c": {"A": ..., "B": ...}} view of a LoRA tree."""
-  flat = traverse_util.flatten_dict(lora, sep="/")
   out: dict[str, dict[str, jax.Array]] = {}
-  for k, v in flat.items():
+  for k, v in trees.flatten(lora).items():
     path, _, m = k.rpartition("/")
     out.setdefault(path, {})[m] = v
   return out
@@ -86,11 +82,11 @@ def delta(ab: dict[str, jax.Array], scale: float, kernel_shape: tuple[int, ...])
 
 def merge(params: Params, lora: Params, scale: float) -> Params:
   """Base params with every LoRA folded in: W <- W + scale * A B."""
-  flat = traverse_util.flatten_dict(params, sep="/")
+  flat = trees.flatten(params)
   for path, ab in layers(lora).items():
     k = flat[path + "/kernel"]
     flat[path + "/kernel"] = (k + delta(ab, scale, k.shape).astype(k.dtype))
-  return traverse_util.unflatten_dict(flat, sep="/")
+  return trees.unflatten(flat)
 
 
 @jax.custom_vjp

@@ -21,22 +21,24 @@ class Progress:
     self.n_last = None
     self.main = jax.process_index() == 0
 
-  def __call__(self, step: int, metrics: dict, force: bool = False) -> None:
-    """`step` is the number of updates done so far (1-based); metrics are device scalars."""
+  def __call__(self, step: int, metrics: dict, force: bool = False) -> dict | None:
+    """`step` is the number of updates done so far (1-based); metrics are device scalars.
+    Returns the metrics as floats when this step is logged, else None."""
     if not (force or step % self.every == 0 or step == self.total):
-      return
+      return None
     vals = {k: float(np.asarray(v)) for k, v in metrics.items()}
     now = time.perf_counter()
     rate = (step - self.n_last) / (now - self.t_last) if self.n_last is not None else math.nan
     self.t_last, self.n_last = now, step
     if not self.main:
-      return
+      return vals
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": step, "stage": self.prefix, **vals}) + "\n")
     eta = (self.total - step) / rate if rate and rate == rate else math.nan
     shown = " ".join(f"{k} {v:.4g}" for k, v in vals.items() if k != "lr")
     print(f"{self.prefix}step {step}/{self.total} {shown} lr {vals.get('lr', 0):.2e} "
           f"| {rate:.1f} steps/s ETA {_fmt(eta)}", flush=True)
+    return vals
 
 
 def _fmt(seconds: float) -> str:

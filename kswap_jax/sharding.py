@@ -13,12 +13,12 @@ and unmatched leaves are replicated. Optimizer-state leaves follow the parameter
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from kswap_jax import trees
 from kswap_jax.errors import UserError
 
 BATCH_AXES = ("data", "fsdp")
@@ -67,12 +67,11 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh,
   Raises UserError if the spec has more entries than the leaf has dims, or a sharded dim
   does not divide evenly over its mesh axes.
   """
-  for regex, spec in rules:
-    if re.fullmatch(regex, path):
-      spec = tuple(tuple(s) if isinstance(s, list) else s for s in spec)
-      break
-  else:
+  i = trees.first_match([path], [regex for regex, _ in rules], "mesh.rules")[path]
+  if i < 0:
     return PartitionSpec()
+  regex, spec = rules[i]
+  spec = tuple(tuple(s) if isinstance(s, list) else s for s in spec)
   if len(spec) > len(shape):
     raise UserError(f"mesh rule {regex!r} gives {spec} to {path} of shape {shape}: more "
                     f"entries than dims")
@@ -91,8 +90,7 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh,
 
 def _tree_specs(tree, mesh, rules: Rules) -> dict[str, PartitionSpec]:
   """{"a/b/leaf": spec} for every leaf of a params-like tree."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {path_str(p): spec_for(path_str(p), x.shape, mesh, rules) for p, x in flat}
+  return {p: spec_for(p, x.shape, mesh, rules) for p, x in trees.flatten(tree).items()}
 
 
 def _follow(specs: dict[str, PartitionSpec], path: str) -> PartitionSpec:

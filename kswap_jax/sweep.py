@@ -1,42 +1,37 @@
-"""Hyperparameter studies: N runs of one method trained together as one vmapped program.
+"""Hyperparameter studies: the pure pieces of training N runs of one method as one program.
 
 Members differ only in values that keep every array shape and the compiled program the same
 (learning rate, weight decay, loss weights, bound, seed), so their trainable params, optimizer
 states, hparams and rng keys stack along a leading member axis while the frozen base params
-and the batches are shared (in memory once). In continual forgetting each task merges the
-members' own LoRAs into their models, so the merged kernels become per-member
-`member_params`; every other frozen param stays shared.
+and the batches are shared (in memory once). The frozen params a recipe's hooks change per
+member (`Recipe.member_params`, e.g. the kernels a task's LoRA is merged into) are stacked as
+`member_params`; every other frozen param stays shared. `kswap_jax.runner.sweep` runs a study.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import matplotlib
 import ml_collections
 import numpy as np
 
-from kswap_jax import continual, dtl, swap, train
+from kswap_jax import trees
 from kswap_jax.errors import UserError
 
-# Config paths a sweep may vary, per method (everything else is shared by all members).
-SWEEPABLE = {
-    "swap": ("seed", "train.lr", "train.weight_decay",
-             *(f"weights.{k}" for k in swap.HPARAMS)),
-    # values of the dispose stage only: every member shares one transfer stage
-    "dispose": ("train.lr.dispose",
-                *(f"weights.{k}" for k in dtl.HPARAMS if k != "target")),
-    # weights.beta: a number or one value per task
-    "forget": ("seed", "train.lr", "train.weight_decay",
-               *(f"weights.{k}" for k in continual.HPARAMS)),
-}
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# vmap axes of train state entries: member-stacked (0) vs shared (None).
-STATE_AXES = {"params": None, "member_params": 0, "trainable": 0, "opt": 0, "hparams": 0,
-              "rng": 0, "step": None, "stage_step": None, "best": 0, "protos": 0}
+# Train state entries every member shares; every other entry is stacked along axis 0.
+SHARED = ("params", "step", "stage_step")
+
+
+def axes(state: dict) -> dict[str, int | None]:
+  """vmap axes of a stacked state's entries: member-stacked (0) or shared (None)."""
+  return {k: None if k in SHARED else 0 for k in state}
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -67,21 +62,19 @@ def expand(grid, members) -> list[dict[str, Any]]:
   return out
 
 
-def groups(assignments: list[dict], method: str, base: ml_collections.ConfigDict,
+def groups(assignments: list[dict], sweepable: tuple[str, ...], base: ml_collections.ConfigDict,
            ) -> list[tuple[dict[str, Any], list[int]]]:
-  """Members grouped by their values of keys outside SWEEPABLE[method] (rank, batch size,
-  order, targets, ...), which change shapes or a stage the members share: [(those values,
-  member indices)], in order of first appearance. Each group trains as its own program."""
-  if method not in SWEEPABLE:
-    raise UserError(f"method={method!r} cannot be swept; use one of {sorted(SWEEPABLE)}")
+  """Members grouped by their values of keys outside `sweepable` (rank, batch size, order,
+  targets, ...), which change shapes or a stage the members share: [(those values, member
+  indices)], in order of first appearance. Each group trains as its own program."""
   paths = set(flatten(base))
-  unknown = sorted({k for a in assignments for k in a} - paths - set(SWEEPABLE[method]))
+  unknown = sorted({k for a in assignments for k in a} - paths - set(sweepable))
   if unknown:
     raise UserError(f"sweep keys {unknown} are not fields of the base config; use paths such "
-                    f"as {list(SWEEPABLE[method])[:3]} or 'lora.rank'")
+                    f"as {list(sweepable)[:3]} or 'lora.rank'")
   out: dict[str, tuple[dict, list[int]]] = {}
   for i, a in enumerate(assignments):
-    fixed = {k: v for k, v in a.items() if k not in SWEEPABLE[method]}
+    fixed = {k: v for k, v in a.items() if k not in sweepable}
     out.setdefault(repr(sorted(fixed.items())), (fixed, []))[1].append(i)
   return list(out.values())
 
@@ -96,7 +89,16 @@ def member_config(base: ml_collections.ConfigDict, assignment: dict[str, Any],
     node = d
     for p in parents:
       node = node[p]
-    node[leaf] = float(value) if isinstance(node[leaf], float) else value
+    old = node[leaf]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(old, bool) != isinstance(value, bool) or (
+        isinstance(old, (int, float)) and not isinstance(old, bool)
+        and not (number and (isinstance(old, float) or float(value).is_integer()))):
+      raise UserError(f"sweep value {path}={value!r} does not fit the base config's "
+                      f"{type(old).__name__} field (base value {old!r})")
+    if isinstance(old, float) or (isinstance(old, int) and not isinstance(old, bool)):
+      value = type(old)(value)
+    node[leaf] = value
   return ml_collections.ConfigDict(d)
 
 
@@ -139,18 +141,36 @@ def fit_members(one: int, two: int, n: int, budget: int, devices: int = 1) -> in
   return fit
 
 
-def stack(trees: list) -> Any:
+def stack(items: list) -> Any:
   """Per-member pytrees -> one pytree with a leading member axis (N, ...)."""
-  return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *trees)
+  return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *items)
 
 
-def stack_states(states: list[dict]) -> dict:
-  """Per-member train states -> one state: STATE_AXES 0 entries stacked, the rest from the first.
+def stack_states(states: list[dict], member_params: str = "") -> dict:
+  """One-member states -> one state with a leading member axis on every entry but SHARED.
 
-  Members must share their frozen params (the caller's check).
+  Frozen params whose path fully matches `member_params` go to the stacked entry
+  "member_params"; every other frozen param must be the same in every member (UserError).
   """
-  return {k: stack([s[k] for s in states]) if STATE_AXES[k] == 0 else v
-          for k, v in states[0].items()}
+  split = [trees.partition(s["params"], member_params) for s in states]
+  shared = trees.flatten(split[0][0])
+  for other, _ in split[1:]:
+    differ = [k for k, v in trees.flatten(other).items()
+              if v is not shared[k] and not np.array_equal(np.asarray(v), np.asarray(shared[k]))]
+    if differ:
+      raise UserError(f"members differ in frozen params {differ[:3]}, which a study shares; "
+                      "vary that key in its own group (e.g. seed with a frozen head), or train "
+                      "those params")
+  out = {k: v if k in SHARED else stack([s[k] for s in states])
+         for k, v in states[0].items() if k != "params"}
+  return {**out, "params": split[0][0], "member_params": stack([own for _, own in split])}
+
+
+def member_state(state: dict, j: int) -> dict:
+  """Member j's own one-member state from a stacked one (its params whole)."""
+  out = {k: v if k in SHARED else member(v, j) for k, v in state.items()
+         if k != "member_params"}
+  return {**out, "params": trees.combine(state["params"], member(state["member_params"], j))}
 
 
 def member(tree: Any, i: int) -> Any:
@@ -158,58 +178,29 @@ def member(tree: Any, i: int) -> Any:
   return jax.tree_util.tree_map(lambda x: x[i], tree)
 
 
-def member_step(loss_fn, tx, rng_impl: str, total_steps: int, steps_per_epoch: int) -> Callable:
-  """One member's update (`train.make_step`); its per-epoch cosine ends at
-  hparams["end_ratio"] (lr_end / lr), which may differ between members."""
-
-  def step(state, batches):
-    schedule = functools.partial(train.lr_factor, total_steps=total_steps,
-                                 steps_per_epoch=steps_per_epoch,
-                                 end_ratio=state["hparams"]["end_ratio"])
-    return train.make_step(loss_fn, tx, schedule, rng_impl)(state, batches)
-
-  return step
-
-
-def with_member_params(step: Callable) -> Callable:
-  """A member's step on its full model: shared `params` combined with its `member_params`."""
-
-  def stepped(state, batches):
-    own = {**state, "params": train.combine(state["params"], state["member_params"])}
-    new, metrics = step(own, batches)
-    return {**new, "params": state["params"]}, metrics
-
-  return stepped
-
-
-def member_counts(counts: Callable) -> Callable:
-  """`train.correct_counts` per member: ((shared, stacked member_params), stacked trainable,
-  batch) -> (correct, count), each (N, K)."""
-
-  def one(params, t, batch):
-    full = train.combine(train.combine(*params), t["params"])
-    return counts(full, t["lora"], batch)
-
-  return jax.jit(jax.vmap(one, in_axes=((None, 0), 0, None)))
-
-
 def vmap_step(step: Callable) -> Callable:
   """One member's step -> (stacked state, batches) -> (stacked state, summary metrics).
 
-  Progress lines show the members' mean of each metric and their worst loss (`loss_max`).
+  The member's step runs on its whole params (shared `params` with its `member_params`).
+  Progress lines show the mean of each metric over the members whose loss is finite, their
+  worst loss (`loss_max`) and how many members have a non-finite loss (`diverged`).
   """
 
+  def one(state, batches):
+    own = {**state, "params": trees.combine(state["params"], state["member_params"])}
+    new, metrics = step(own, batches)
+    return {**new, "params": state["params"]}, metrics
+
   def stepped(state, batches):
-    axes = {k: STATE_AXES[k] for k in state}
-    state, metrics = jax.vmap(step, in_axes=(axes, None), out_axes=(axes, 0))(state, batches)
-    return state, {**{k: v.mean() for k, v in metrics.items()}, "loss_max": metrics["loss"].max()}
+    ax = axes(state)
+    state, metrics = jax.vmap(one, in_axes=(ax, None), out_axes=(ax, 0))(state, batches)
+    ok = jnp.isfinite(metrics["loss"])
+    mean = lambda v: jnp.where(ok, v, 0).sum() / jnp.maximum(ok.sum(), 1)  # noqa: E731
+    return state, {**{k: mean(v) for k, v in metrics.items()},
+                   "loss_max": jnp.where(ok, metrics["loss"], -jnp.inf).max(),
+                   "diverged": (~ok).sum()}
 
   return stepped
-
-
-def score(row: dict, prefix: str = "val_") -> float:
-  """Model selection score: Acc_R + Acc_L - Acc_F (%, on the validation split by default)."""
-  return row[f"{prefix}acc_r"] + row[f"{prefix}acc_l"] - row[f"{prefix}acc_f"]
 
 
 def pareto_front(acc_r: np.ndarray, acc_f: np.ndarray) -> np.ndarray:
@@ -217,3 +208,28 @@ def pareto_front(acc_r: np.ndarray, acc_f: np.ndarray) -> np.ndarray:
   r, f = np.asarray(acc_r)[:, None], np.asarray(acc_f)[:, None]
   dominated = (r.T >= r) & (f.T <= f) & ((r.T > r) | (f.T < f))
   return ~dominated.any(1)
+
+
+def pareto_plot(rows: list[dict], best: int, path: str, x: tuple[str, str],
+                y: tuple[str, str], colour: tuple[str, str] | None) -> None:
+  """y (lower is better) against x (higher is better) per member, the Pareto front and the
+  chosen member; x, y, colour: (row key, axis label)."""
+  xs, ys = (np.array([row[k[0]] for row in rows], float) for k in (x, y))
+  front = np.flatnonzero(pareto_front(xs, ys))
+  front = front[np.argsort(xs[front])]
+  fig, ax = plt.subplots(figsize=(5, 4))
+  ax.plot(xs[front], ys[front], "-", color="grey", lw=1, label="Pareto front")
+  if colour:
+    points = ax.scatter(xs, ys, c=[row[colour[0]] for row in rows], cmap="viridis", s=30)
+    fig.colorbar(points, ax=ax, label=f"{colour[1]} (test %)")
+  else:
+    ax.scatter(xs, ys, s=30)
+  ax.scatter(xs[best], ys[best], s=160, facecolors="none", edgecolors="red",
+             label="best on validation")
+  ax.set_xlabel(f"{x[1]} (test %)")
+  ax.set_ylabel(y[1] if y[0] == "leakage" else f"{y[1]} (test %)")
+  ax.legend(fontsize=8)
+  ax.set_title(f"{len(rows)} members: {x[1]} vs {y[1]}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -15,7 +15,6 @@ Everything a study may vary is an array in `hparams`, so a step can be vmapped o
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -23,10 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
 
 from kswap_jax import lora as lora_lib
-from kswap_jax import sharding
+from kswap_jax import sharding, trees
 from kswap_jax.data import pipeline
 
 State = dict[str, Any]
@@ -49,24 +47,6 @@ class Network:
     rngs = {"dropout": rng} if train else None
     return lora_lib.apply(self.model, params, lora, x, scale=self.lora_scale, train=train,
                           rngs=rngs, return_embedding=return_embedding)
-
-
-def partition(params, trainable: str) -> tuple[dict, dict]:
-  """Splits params into (frozen, trainable) by a regex fully matching "a/b/leaf" paths."""
-  flat = traverse_util.flatten_dict(params, sep="/")
-  hit = {k: v for k, v in flat.items() if trainable and re.fullmatch(trainable, k)}
-  rest = {k: v for k, v in flat.items() if k not in hit}
-  return (traverse_util.unflatten_dict(rest, sep="/"),
-          traverse_util.unflatten_dict(hit, sep="/") if hit else {})
-
-
-def combine(frozen, trainable_params) -> dict:
-  """Inverse of `partition`."""
-  if not trainable_params:
-    return frozen
-  flat = traverse_util.flatten_dict(frozen, sep="/")
-  flat.update(traverse_util.flatten_dict(trainable_params, sep="/"))
-  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def decay_mask(tree):
@@ -98,7 +78,7 @@ def lr_factor(stage_step, *, total_steps: int, warmup_steps: int = 0, end_ratio:
 
 def init_state(params, lora, trainable_regex: str, hparams: dict[str, float], seed: int,
                tx: optax.GradientTransformation, rng_impl: str = "threefry2x32") -> State:
-  frozen, tparams = partition(params, trainable_regex)
+  frozen, tparams = trees.partition(params, trainable_regex)
   trainable = {"lora": lora or {}, "params": tparams}
   return {
       "step": jnp.zeros((), jnp.int32),
@@ -113,19 +93,24 @@ def init_state(params, lora, trainable_regex: str, hparams: dict[str, float], se
 
 def full_params(state: State) -> dict:
   """The model's params (frozen + trainable subset), LoRA not merged."""
-  return combine(state["params"], state["trainable"]["params"])
+  return trees.combine(state["params"], state["trainable"]["params"])
 
 
 def make_step(loss_fn: LossFn, tx: optax.GradientTransformation,
-              schedule: Callable[[jax.Array], jax.Array],
-              rng_impl: str = "threefry2x32") -> Callable[[State, Any], tuple[State, dict]]:
+              schedule: Callable[[jax.Array], jax.Array], rng_impl: str = "threefry2x32",
+              context: Callable[[State], Any] | None = None,
+              ) -> Callable[[State, Any], tuple[State, dict]]:
   """Pure update `(state, batches) -> (state, metrics)`.
 
   loss_fn(trainable, frozen_params, hparams, batches, rng) -> (loss, metrics dict).
   lr = hparams["lr"] * schedule(stage_step); weight decay = hparams["weight_decay"].
+  context: what the loss reads from the state besides its params, given to it as
+  batches["ctx"] (e.g. the stage step and class prototypes).
   """
 
   def step(state: State, batches) -> tuple[State, dict]:
+    if context is not None:
+      batches = {**batches, "ctx": context(state)}
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"], impl=rng_impl),
                              state["step"])
     hp = state["hparams"]

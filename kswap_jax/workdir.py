@@ -1,24 +1,26 @@
-"""A job's working directory: orbax checkpoints, the config, results and exported models.
+"""A job's working directory: the config check, atomic JSON and file writes, the environment.
 
   workdir/config.json        the run's config (a rerun with a different config is refused)
   workdir/environment.json   per start of the run: package versions, processor, devices
-  workdir/checkpoints/<step> orbax train-state checkpoints (last K kept)
+  workdir/checkpoints/<step> orbax train-state checkpoints (`kswap_jax.checkpoints`)
   workdir/metrics.jsonl      one JSON line per logged step
   workdir/results.json       evaluation results, written atomically
-  workdir/model/             exported model: params (orbax) + model.json (config, classes)
+  workdir/model/             exported model (`kswap_jax.checkpoints.export_model`)
+  workdir/finished.json      written when the run has finished: a rerun only reports it
 
-Only process 0 writes the JSON files; orbax saves and restores collectively.
+One process writes a workdir at a time (`lock`, an flock on the folder: local and NFS-style
+disks; a bucket path is not locked). Only process 0 writes the JSON files.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import importlib.metadata
 import json
 import os
 import platform
 import re
-import shutil
 import uuid
 from typing import Any
 
@@ -26,7 +28,6 @@ import jax
 from flax import traverse_util
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from kswap_jax.errors import UserError
 
@@ -82,9 +83,9 @@ def read_json(path: str, default=None):
     return json.load(f)
 
 
-def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Saves config.json, or refuses a workdir that holds a run of a different config; appends
-  this start's `environment()` to environment.json."""
+def check_config(workdir: str, config: ml_collections.ConfigDict, record: bool = True) -> None:
+  """Refuses a workdir that holds a run of a different config; with `record`, saves
+  config.json and appends this start's `environment()` to environment.json."""
   path = os.path.join(workdir, "config.json")
   new = json.loads(config.to_json_best_effort())
   old = read_json(path)
@@ -97,10 +98,59 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     if diff:
       raise UserError(f"workdir {workdir} holds a run with a different config (fields {diff}); "
                       f"use a new --workdir or the same config to resume")
+  if not record:
+    return
   write_json(path, new)
   env_path = os.path.join(workdir, "environment.json")
   starts = read_json(env_path, [])
   write_json(env_path, (starts if isinstance(starts, list) else []) + [environment()])
+
+
+def open_dir(path: str) -> str:
+  """Creates the folder `path` if needed and checks that this process can write there."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"workdir {path} is a file; give a folder (new or a run's) as --workdir")
+  try:
+    os.makedirs(path, exist_ok=True)
+    with atomic_file(os.path.join(path, ".write_test")):
+      pass
+    os.remove(os.path.join(path, ".write_test"))
+  except OSError as e:
+    raise UserError(f"workdir {path} cannot be written ({e.strerror or e}); give a folder this "
+                    "user can create and write") from None
+  return path
+
+
+@contextlib.contextmanager
+def lock(path: str):
+  """Holds an exclusive lock on the folder `path` (process 0) while the block runs; a second
+  process that asks for it is refused at once."""
+  if not is_main():
+    yield
+    return
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise UserError(f"workdir {path} is in use by another kswap process; wait for it to end "
+                      "or give another --workdir") from None
+    yield
+  finally:
+    os.close(fd)
+
+
+FINISHED = "finished.json"
+
+
+def finished(path: str) -> bool:
+  """Whether the run in `path` has finished (`mark_finished`)."""
+  return os.path.exists(os.path.join(path, FINISHED))
+
+
+def mark_finished(path: str) -> None:
+  now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  write_json(os.path.join(path, FINISHED), {"finished": now})
 
 
 def _resumable(key: str) -> bool:
@@ -143,70 +193,3 @@ def _processor() -> str:
   except OSError:
     pass
   return platform.processor()
-
-
-class Checkpoints:
-  """orbax CheckpointManager for the train state: save every N steps, keep K, resume."""
-
-  def __init__(self, directory: str, every_steps: int, keep: int):
-    self.every = every_steps
-    self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
-  def restore(self, state):
-    """Latest checkpoint restored onto the shardings and shapes of `state`, or None."""
-    step = self.manager.latest_step()
-    if step is None:
-      return None
-    target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-    try:
-      return self.manager.restore(step, args=ocp.args.StandardRestore(target))
-    except (ValueError, KeyError) as e:
-      raise UserError(f"checkpoint {self.manager.directory}/{step} does not fit this run's "
-                      f"state ({str(e).splitlines()[0][:200]}); use a new --workdir") from None
-
-  def maybe_save(self, step: int, state, force: bool = False) -> None:
-    if force or (self.every and step % self.every == 0):
-      if self.manager.latest_step() != step:
-        self.manager.save(step, args=ocp.args.StandardSave(state))
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
-
-
-def export_model(directory: str, params, model_config: ml_collections.ConfigDict,
-                 label_space: list, extra: dict | None = None) -> None:
-  """Writes params (orbax) and model.json; a failed export leaves an older one intact."""
-  directory = os.path.abspath(directory)
-  tmp = directory + ".tmp"
-  ckptr = ocp.StandardCheckpointer()
-  if os.path.exists(tmp) and is_main():
-    shutil.rmtree(tmp)
-  ckptr.save(os.path.join(tmp, "params"), params)
-  ckptr.wait_until_finished()
-  write_json(os.path.join(tmp, "model.json"),
-             {"model": model_config.to_dict(), "classes": label_space, **(extra or {})})
-  if is_main():
-    if os.path.exists(directory):
-      old = directory + ".old"
-      os.replace(directory, old)
-      os.replace(tmp, directory)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, directory)
-
-
-def load_model(directory: str) -> tuple[dict, dict]:
-  """(params, model.json dict) of an exported model; a run's workdir also works."""
-  for d in (directory, os.path.join(directory, "model")):
-    if os.path.exists(os.path.join(d, "model.json")):
-      meta = read_json(os.path.join(d, "model.json"))
-      params = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(d, "params")))
-      return params, meta
-  raise UserError(f"no exported model at {directory!r} (expected model.json there or in "
-                  f"its model/ folder); run a pretrain job first or give a .npz file")

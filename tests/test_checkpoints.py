@@ -1,4 +1,4 @@
-"""Tests of kswap_jax.checkpoints: vision_transformer and big_vision `.npz` files."""
+"""Tests of kswap_jax.npz: vision_transformer and big_vision `.npz` files."""
 
 import functools
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import special
 
-from kswap_jax import checkpoints
+from kswap_jax import npz
 from kswap_jax.errors import UserError
 from kswap_jax.models import vit
 
@@ -113,9 +113,9 @@ def test_vision_transformer_file_matches_reference_forward(tmp_path, rep):
   class_row = np.random.default_rng(0).normal(size=(1, 1, 32)).astype(np.float32)
   w = _vit_flat(_random_params(rep=rep), class_row)
   path = _write(tmp_path / "vit.npz", w)
-  assert checkpoints.detect_format(w) == checkpoints.VISION_TRANSFORMER
+  assert npz.detect_format(w) == npz.VISION_TRANSFORMER
 
-  params = checkpoints.load_pretrained(path, _init(rep=rep))
+  params = npz.load_pretrained(path, _init(rep=rep))
   images = np.random.default_rng(1).normal(size=(3, *IMAGE)).astype(np.float32)
   got = model.apply({"params": params}, jnp.asarray(images))
   np.testing.assert_allclose(np.asarray(got), _reference_logits(w, images), atol=1e-4, rtol=1e-4)
@@ -124,9 +124,9 @@ def test_vision_transformer_file_matches_reference_forward(tmp_path, rep):
 def test_big_vision_round_trip(tmp_path):
   params = _random_params()
   path = str(tmp_path / "sub" / "bv.npz")
-  checkpoints.save_npz(path, params)
-  assert checkpoints.detect_format(np.load(path).files) == checkpoints.BIG_VISION
-  _assert_trees_equal(checkpoints.load_pretrained(path, _init()), params)
+  npz.save_npz(path, params)
+  assert npz.detect_format(np.load(path).files) == npz.BIG_VISION
+  _assert_trees_equal(npz.load_pretrained(path, _init()), params)
 
 
 def test_big_vision_params_prefix_and_scanned_blocks(tmp_path):
@@ -141,15 +141,15 @@ def test_big_vision_params_prefix_and_scanned_blocks(tmp_path):
     elif not k.startswith("Transformer/encoderblock_"):
       scanned[k] = v
   path = _write(tmp_path / "bv.npz", {"params/" + k: v for k, v in scanned.items()})
-  _assert_trees_equal(checkpoints.load_pretrained(path, _init()), params)
+  _assert_trees_equal(npz.load_pretrained(path, _init()), params)
 
 
 def test_load_casts_to_init_dtype_and_save_writes_float32(tmp_path):
   path = str(tmp_path / "bf16.npz")
-  checkpoints.save_npz(path, jax.tree.map(lambda x: x.astype(jnp.bfloat16), _random_params()))
+  npz.save_npz(path, jax.tree.map(lambda x: x.astype(jnp.bfloat16), _random_params()))
   assert all(v.dtype == np.float32 for v in np.load(path).values())
   init = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _init())
-  loaded = checkpoints.load_pretrained(path, init)
+  loaded = npz.load_pretrained(path, init)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(loaded))
 
 
@@ -158,7 +158,7 @@ def test_posemb_resampled_to_new_grid(tmp_path):
   row = np.arange(32, dtype=np.float32)
   flat["pos_embedding"] = np.broadcast_to(row, (1, 16, 32)).copy()  # constant 4x4 grid
   path = _write(tmp_path / "bv.npz", flat)
-  pos = checkpoints.load_pretrained(path, _init(image=(16, 16, 3)))["pos_embedding"]
+  pos = npz.load_pretrained(path, _init(image=(16, 16, 3)))["pos_embedding"]
   assert pos.shape == (1, 64, 32)
   np.testing.assert_allclose(np.asarray(pos), np.broadcast_to(row, (1, 64, 32)), atol=1e-5)
 
@@ -167,21 +167,21 @@ def test_posemb_class_row_folded_into_cls_before_resampling(tmp_path):
   params = _random_params()
   class_row = np.full((1, 1, 32), 3.0, np.float32)
   path = _write(tmp_path / "vit.npz", _vit_flat(params, class_row))
-  loaded = checkpoints.load_pretrained(path, _init(image=(16, 16, 3)))
+  loaded = npz.load_pretrained(path, _init(image=(16, 16, 3)))
   assert loaded["pos_embedding"].shape == (1, 64, 32)
   np.testing.assert_allclose(np.asarray(loaded["cls"]), np.asarray(params["cls"]) + 3.0)
 
 
 def test_resample_posemb_rejects_non_square_grid():
   with pytest.raises(UserError, match="square"):
-    checkpoints.resample_posemb(np.zeros((1, 16, 4), np.float32), 32)
+    npz.resample_posemb(np.zeros((1, 16, 4), np.float32), 32)
 
 
 def test_head_kept_from_init_when_class_count_differs(tmp_path):
   params = _random_params(num_classes=10)
   path = _write(tmp_path / "bv.npz", _flat(params))
   init = _init(num_classes=5)
-  loaded = checkpoints.load_pretrained(path, init)
+  loaded = npz.load_pretrained(path, init)
   _assert_trees_equal(loaded["head"], init["head"])
   _assert_trees_equal(loaded["Transformer"], params["Transformer"])
 
@@ -190,7 +190,7 @@ def test_dont_load_keeps_init_head_when_shapes_match(tmp_path):
   params = _random_params()
   path = _write(tmp_path / "bv.npz", _flat(params))
   init = _init()
-  loaded = checkpoints.load_pretrained(path, init, dont_load=("head/.*",))
+  loaded = npz.load_pretrained(path, init, dont_load=("head/.*",))
   _assert_trees_equal(loaded["head"], init["head"])
   _assert_trees_equal(loaded["embedding"], params["embedding"])
 
@@ -199,7 +199,7 @@ def test_dont_load_allows_names_absent_from_file(tmp_path):
   flat = _flat(_random_params())
   del flat["pos_embedding"]
   init = _init()
-  loaded = checkpoints.load_pretrained(_write(tmp_path / "bv.npz", flat), init,
+  loaded = npz.load_pretrained(_write(tmp_path / "bv.npz", flat), init,
                                        dont_load=("pos_embedding",))
   _assert_trees_equal(loaded["pos_embedding"], init["pos_embedding"])
 
@@ -208,7 +208,7 @@ def test_pre_logits_dropped_when_model_has_none(tmp_path):
   params = _random_params(rep=16)
   path = _write(tmp_path / "vit.npz", _vit_flat(params, np.zeros((1, 1, 32), np.float32)))
   init = _init()
-  loaded = checkpoints.load_pretrained(path, init)
+  loaded = npz.load_pretrained(path, init)
   assert "pre_logits" not in loaded
   _assert_trees_equal(loaded["head"], init["head"])  # its input width was the pre_logits width
 
@@ -228,7 +228,7 @@ def _bv_file(tmp_path, edit):
 ])
 def test_mismatch_raises_user_error_naming_param(tmp_path, edit, expected):
   with pytest.raises(UserError) as e:
-    checkpoints.load_pretrained(_bv_file(tmp_path, edit), _init())
+    npz.load_pretrained(_bv_file(tmp_path, edit), _init())
   assert expected in str(e.value)
   assert "\n" not in str(e.value)
 
@@ -237,29 +237,29 @@ def test_vision_transformer_unexpected_name_reported_as_in_file(tmp_path):
   flat = _vit_flat(_random_params(), np.zeros((1, 1, 32), np.float32))
   flat["Transformer/encoderblock_0/MlpBlock_3/Dense_2/bias"] = np.zeros(3)
   with pytest.raises(UserError, match="unexpected in file: .*MlpBlock_3/Dense_2/bias"):
-    checkpoints.load_pretrained(_write(tmp_path / "vit.npz", flat), _init())
+    npz.load_pretrained(_write(tmp_path / "vit.npz", flat), _init())
 
 
 def test_long_name_lists_truncated(tmp_path):
   path = _bv_file(tmp_path, lambda f: f.update({f"extra_{i}": np.zeros(1) for i in range(9)}))
   with pytest.raises(UserError, match=r"\.\.\. and 4 more"):
-    checkpoints.load_pretrained(path, _init())
+    npz.load_pretrained(path, _init())
 
 
 def test_missing_file(tmp_path):
   path = str(tmp_path / "nope.npz")
   with pytest.raises(UserError, match=f"pretrained checkpoint not found: {path}"):
-    checkpoints.load_pretrained(path, _init())
+    npz.load_pretrained(path, _init())
 
 
 def test_unreadable_file(tmp_path):
   path = tmp_path / "bad.npz"
   path.write_text("not an archive")
   with pytest.raises(UserError, match="could not read pretrained checkpoint"):
-    checkpoints.load_pretrained(str(path), _init())
+    npz.load_pretrained(str(path), _init())
 
 
 def test_invalid_dont_load_regex(tmp_path):
   path = _bv_file(tmp_path, lambda f: None)
   with pytest.raises(UserError, match="dont_load regex"):
-    checkpoints.load_pretrained(path, _init(), dont_load=("head/(",))
+    npz.load_pretrained(path, _init(), dont_load=("head/(",))

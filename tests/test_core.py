@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from kswap_jax import lora as lora_lib
-from kswap_jax import losses, metrics, train
+from kswap_jax import losses, metrics, train, trees
 from kswap_jax.errors import UserError
 from kswap_jax.models import vit
 
@@ -154,9 +154,9 @@ def test_metrics():
 
 def test_partition_combine_roundtrip():
   _, params = _model()
-  frozen, tr = train.partition(params, "head/.*")
+  frozen, tr = trees.partition(params, "head/.*")
   assert set(tr) == {"head"} and "head" not in frozen
-  chex.assert_trees_all_equal(train.combine(frozen, tr), params)
+  chex.assert_trees_all_equal(trees.combine(frozen, tr), params)
 
 
 def test_lr_factor_cosine_per_epoch():
@@ -174,7 +174,7 @@ def test_step_is_pure_and_compiles_once():
 
   def loss_fn(trainable, frozen, hp, batch, rng):
     del hp
-    logits = net.apply(train.combine(frozen, trainable["params"]), trainable["lora"],
+    logits = net.apply(trees.combine(frozen, trainable["params"]), trainable["lora"],
                        batch["images"], train=True, rng=rng)
     return losses.cross_entropy(logits, batch["labels"]), {}
 

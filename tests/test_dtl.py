@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from kswap_jax import checkpoints, config_lib, dtl, losses, train, workdir
+from kswap_jax import checkpoints, config_lib, heads, losses, runner, train, workdir
+from kswap_jax import npz as npz_lib
 from kswap_jax.errors import UserError
-from kswap_jax.jobs import dispose
+from kswap_jax.methods import dispose
 from kswap_jax.models import vit
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -91,7 +92,7 @@ def test_gc_gradient_matches_finite_differences_float64(similarity):
 
     @jax.jit
     def gc(t):
-      return dtl.collision(_mlp_ce, t, dtl.split(batch, 4), similarity)[0]
+      return dispose.collision(_mlp_ce, t, dispose.split(batch, 4), similarity)[0]
 
     grad = jax.grad(gc)(theta)
     assert grad["w1"].dtype == jnp.float64
@@ -124,7 +125,7 @@ def test_disposal_gc_term_matches_explicit_per_batch_gradients():
   src = _batch(2, 6, 4)
   hp = {k: jnp.float32(v) for k, v in dict(target=0.0, gc=1.0, ascent=0.0, bound=0.0,
                                            random_label=0.0).items()}
-  loss_fn = dtl.disposal_loss(net, source_head, "gc", num_splits=3,
+  loss_fn = dispose.disposal_loss(net, source_head, "gc", num_splits=3,
                               gc_params="params/Transformer/.*")
   trainable = {"lora": {}, "params": params}
   batches = {"target": _batch(3, 4, 3), "source": src}
@@ -134,7 +135,7 @@ def test_disposal_gc_term_matches_explicit_per_batch_gradients():
   def reference(p):
     def ce(block, images, labels):
       _, emb = net.apply({**p, "Transformer": block}, None, images, return_embedding=True)
-      return losses.cross_entropy(dtl.head_logits(emb, source_head), labels)
+      return losses.cross_entropy(heads.head_logits(emb, source_head), labels)
 
     gs = [ravel_pytree(jax.grad(ce)(p["Transformer"], src["images"][2 * k:2 * k + 2],
                                     src["labels"][2 * k:2 * k + 2]))[0] for k in range(3)]
@@ -155,11 +156,11 @@ def test_disposal_gc_term_matches_explicit_per_batch_gradients():
 def test_baseline_losses_and_errors():
   net, params = _tiny_net()
   source_head = {"kernel": jnp.zeros((8, 4)), "bias": jnp.zeros(4)}  # uniform source logits
-  hp = {k: jnp.float32(1.0) for k in dtl.HPARAMS} | {"bound": jnp.float32(3.0)}
+  hp = {k: jnp.float32(1.0) for k in dispose.HPARAMS} | {"bound": jnp.float32(3.0)}
   batches = {"target": _batch(3, 4, 3), "source": _batch(2, 6, 4)}
   trainable = {"lora": {}, "params": params}
   def loss(method):
-    return jax.jit(dtl.disposal_loss(net, source_head, method))(trainable, {}, hp, batches,
+    return jax.jit(dispose.disposal_loss(net, source_head, method))(trainable, {}, hp, batches,
                                                                 jax.random.key(0))
 
   plain = loss("none")[0]
@@ -168,13 +169,13 @@ def test_baseline_losses_and_errors():
     np.testing.assert_allclose(metrics["ce_source"], np.log(4), rtol=1e-5)
     np.testing.assert_allclose(total, plain + extra, rtol=1e-5)
   with pytest.raises(UserError, match="method="):
-    dtl.disposal_loss(net, source_head, "forget")
+    dispose.disposal_loss(net, source_head, "forget")
   with pytest.raises(UserError, match="num_splits=4"):
-    dtl.split(batches["source"], 4)
+    dispose.split(batches["source"], 4)
   with pytest.raises(UserError, match="gc_params"):
-    dtl.measured_paths(trainable, "lora/.*")
-  assert dtl.leakage(60.0, 90.0, 30.0) == pytest.approx(0.5)
-  assert np.isnan(dtl.leakage(60.0, 30.0, 30.0))
+    dispose.measured_paths(trainable, "lora/.*")
+  assert dispose.leakage(60.0, 90.0, 30.0) == pytest.approx(0.5)
+  assert np.isnan(dispose.leakage(60.0, 30.0, 30.0))
 
 
 @pytest.fixture(scope="module")
@@ -185,14 +186,14 @@ def digits_dir(tmp_path_factory):
 def test_dispose_digits_end_to_end(tmp_path, digits_dir):
   config = _config("dispose_digits", "runlocal")
   config.data.data_dir = config.init.pretrain.data.data_dir = digits_dir
-  results = dispose.run(config, str(tmp_path))
+  results = runner.run("dispose", config, str(tmp_path))
   assert [r["after"] for r in results["evals"]] == ["pretrained", "transfer", "dispose"]
   assert set(results["pl"]) == {"linear", "full"}
   for row in results["pl"].values():
     assert set(row) == {*dispose.PL_MODELS, "leakage"}
     assert all(0.0 <= row[m] <= 100.0 for m in dispose.PL_MODELS)
   assert workdir.read_json(str(tmp_path / "results.json"))["pl"].keys() == results["pl"].keys()
-  params, meta = workdir.load_model(str(tmp_path / "model"))
+  params, meta = checkpoints.load_model(str(tmp_path / "model"))
   assert params["head"]["kernel"].shape[-1] == 5 and meta["method"] == "gc"
   assert [c[2] for c in meta["classes"]] == ["5", "6", "7", "8", "9"]
 
@@ -203,12 +204,12 @@ def test_dispose_cifar10_config_on_mock_data(tmp_path):
   model_cfg.num_classes = 1000
   shape = (probe.data.image_size, probe.data.image_size, probe.data.channels)
   npz = str(tmp_path / "source_vit.npz")
-  checkpoints.save_npz(npz, vit.init_params(vit.make_model(model_cfg), jax.random.key(0), shape))
+  npz_lib.save_npz(npz, vit.init_params(vit.make_model(model_cfg), jax.random.key(0), shape))
   config = _config("dispose_cifar10", f"runlocal,checkpoint={npz},method=random_label,finetune=lora")
   config.data.data_dir = str(tmp_path / "tfds")
   config.pl.attacks = ("linear",)
   with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
-    results = dispose.run(config, str(tmp_path / "run"))
+    results = runner.run("dispose", config, str(tmp_path / "run"))
   assert [r["after"] for r in results["evals"]] == ["pretrained", "transfer", "dispose"]
   assert set(results["pl"]) == {"linear"}
   assert len(workdir.read_json(str(tmp_path / "run" / "model" / "model.json"))["classes"]) == 10

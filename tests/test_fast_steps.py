@@ -11,11 +11,12 @@ import numpy as np
 import optax
 import pytest
 
-from kswap_jax import continual, heads, train
+from kswap_jax import heads, train
 from kswap_jax import lora as lora_lib
 from kswap_jax.data import pipeline
 from kswap_jax.errors import UserError
-from kswap_jax.models import vit
+from kswap_jax.methods import forget
+from kswap_jax.models import fast_ops, vit
 
 
 class _RefBlock(nn.Module):
@@ -145,11 +146,11 @@ def test_gs_lora_update_equals_the_straightforward_one(head):
   tx = train.make_optimizer()
   hp = {"lr": 1e-2, "weight_decay": 0.05, "beta": 0.2, "bound": 500.0, "alpha": 1e-2,
         "proto_bound": 0.0, "w_f": 0.0, "w_r": 0.0}
-  method = continual.get_method("gs_lora")
+  method = forget.get_method("gs_lora")
   out = []
   for net in (fast, ref):
     state = train.init_state(params, lora, "", hp, 0, tx)
-    step = jax.jit(train.make_step(continual.make_loss(method, net, "block", 0), tx,
+    step = jax.jit(train.make_step(forget.make_loss(method, net, "block", 0), tx,
                                    lambda s: 1.0))
     for i in range(3):
       state, metrics = step(state, _batches(jax.random.key(10 + i)))
@@ -164,10 +165,10 @@ def test_gs_lora_update_equals_the_straightforward_one(head):
 
 def test_einsum_attention_matches_jax_attention_and_its_gradient():
   q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 7, 3, 5))
-  np.testing.assert_allclose(vit.einsum_attention(q, k, v),
+  np.testing.assert_allclose(fast_ops.einsum_attention(q, k, v),
                              jax.nn.dot_product_attention(q, k, v), atol=1e-5)
   loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
-  got = jax.grad(loss(vit.einsum_attention), argnums=(0, 1, 2))(q, k, v)
+  got = jax.grad(loss(fast_ops.einsum_attention), argnums=(0, 1, 2))(q, k, v)
   want = jax.grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, atol=1e-5)
@@ -176,14 +177,14 @@ def test_einsum_attention_matches_jax_attention_and_its_gradient():
 def test_gelu_and_its_derivative_match_the_erfc_gelu():
   x = jnp.linspace(-9.0, 9.0, 2001)
   want = functools.partial(jax.nn.gelu, approximate=False)
-  np.testing.assert_allclose(vit.gelu(x), want(x), atol=2e-6)
-  np.testing.assert_allclose(jax.vmap(jax.grad(vit.gelu))(x), jax.vmap(jax.grad(want))(x),
+  np.testing.assert_allclose(fast_ops.gelu(x), want(x), atol=2e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(fast_ops.gelu))(x), jax.vmap(jax.grad(want))(x),
                              atol=2e-6)
 
 
 def test_dropout_rate_scale_and_determinism():
   x = jnp.ones((400, 500))
-  drop = vit.Dropout(0.1)
+  drop = fast_ops.Dropout(0.1)
   out = drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
   zero = np.asarray(out == 0)
   n = zero.size
@@ -203,12 +204,14 @@ def test_threefry2x32_equals_the_jax_primitive():
   from jax.extend.random import threefry2x32_p  # pylint: disable=g-import-not-at-top
   key = jax.random.bits(jax.random.key(7), (2,), jnp.uint32)
   x0, x1 = (jax.random.bits(k, (1001,), jnp.uint32) for k in jax.random.split(jax.random.key(8)))
-  for got, want in zip(vit.threefry2x32(key, x0, x1), threefry2x32_p.bind(key[0], key[1], x0, x1)):
+  for got, want in zip(fast_ops.threefry2x32(key, x0, x1),
+                       threefry2x32_p.bind(key[0], key[1], x0, x1)):
     np.testing.assert_array_equal(got, want)
 
 
 def test_dropout_masks_of_vmapped_keys_equal_single_ones():
-  drop = lambda key, x: vit.Dropout(0.1).apply({}, x, deterministic=False, rngs={"dropout": key})
+  drop = lambda key, x: fast_ops.Dropout(0.1).apply({}, x, deterministic=False,
+                                                    rngs={"dropout": key})
   keys = jax.random.split(jax.random.key(0), 3)
   stacked = jax.vmap(drop)(keys, jnp.ones((3, 20, 9)))
   for key, got in zip(keys, stacked):

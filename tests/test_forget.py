@@ -13,10 +13,10 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from kswap_jax import checkpoints, config_lib, continual, heads, losses, train, workdir
+from kswap_jax import checkpoints, config_lib, heads, losses, npz, runner, train, workdir
 from kswap_jax import lora as lora_lib
 from kswap_jax.errors import UserError
-from kswap_jax.jobs import forget
+from kswap_jax.methods import forget
 from kswap_jax.models import vit
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -70,35 +70,35 @@ HP = {"beta": 0.3, "bound": 4.0, "alpha": 0.01, "proto_bound": 2.0, "w_f": 0.1, 
 
 def test_protocol_splits_follow_the_seeded_order():
   order = list(np.random.default_rng(1337).permutation(100))
-  tasks = continual.protocol(100, 20, 4)
+  tasks = forget.protocol(100, 20, 4)
   assert [set(t.forget) for t in tasks] == [set(order[80 - 20 * t:100 - 20 * t])
                                             for t in range(4)]
   for t, task in enumerate(tasks):
     assert set(task.retain) == set(order[:80 - 20 * t])
     assert set(task.old) == set(order[100 - 20 * t:])
     assert sorted(task.forget + task.retain + task.old) == list(range(100))
-  assert continual.protocol(10, 2, 4, seed=3) != continual.protocol(10, 2, 4, seed=4)
+  assert forget.protocol(10, 2, 4, seed=3) != forget.protocol(10, 2, 4, seed=4)
   with pytest.raises(UserError, match="do not fit"):
-    continual.protocol(10, 5, 2)
+    forget.protocol(10, 5, 2)
 
 
 def test_explicit_tasks():
-  a, b = continual.explicit([[3, 5], [1]], 6)
+  a, b = forget.explicit([[3, 5], [1]], 6)
   assert (a.forget, a.retain, a.old) == ((3, 5), (0, 1, 2, 4), ())
   assert (b.forget, b.retain, b.old) == ((1,), (0, 2, 4), (3, 5))
   with pytest.raises(UserError, match="repeats"):
-    continual.explicit([[3], [3]], 6)
+    forget.explicit([[3], [3]], 6)
   with pytest.raises(UserError, match="no class to retain"):
-    continual.explicit([[0, 1], [2]], 3)
+    forget.explicit([[0, 1], [2]], 3)
 
 
 def test_task_value_and_method_errors():
-  assert continual.task_value(0.5, 3, "b") == 0.5
-  assert continual.task_value([0.1, 0.2], 1, "b") == pytest.approx(0.2)
+  assert forget.task_value(0.5, 3, "b") == 0.5
+  assert forget.task_value([0.1, 0.2], 1, "b") == pytest.approx(0.2)
   with pytest.raises(UserError, match="no entry for task 2"):
-    continual.task_value([0.1, 0.2], 2, "weights.beta")
+    forget.task_value([0.1, 0.2], 2, "weights.beta")
   with pytest.raises(UserError, match="method='ewc'"):
-    continual.get_method("ewc")
+    forget.get_method("ewc")
 
 
 # --- losses -----------------------------------------------------------------------------
@@ -111,30 +111,30 @@ def test_prototype_kl_matches_reference_and_gradient():
   p = np.exp(protos[labels]) / np.exp(protos[labels]).sum(-1, keepdims=True)
   q = np.exp(emb) / np.exp(emb).sum(-1, keepdims=True)
   want = (p * (np.log(p) - np.log(q))).sum(-1)
-  got = continual.prototype_kl(jnp.asarray(protos), jnp.asarray(labels), jnp.asarray(emb))
+  got = forget.prototype_kl(jnp.asarray(protos), jnp.asarray(labels), jnp.asarray(emb))
   np.testing.assert_allclose(got, want, rtol=1e-5)
   np.testing.assert_allclose(
-      continual.prototype_kl(jnp.asarray(protos), jnp.asarray(labels),
+      forget.prototype_kl(jnp.asarray(protos), jnp.asarray(labels),
                              jnp.asarray(protos[labels])), 0.0, atol=1e-6)
-  grad = jax.grad(lambda e: continual.prototype_kl(jnp.asarray(protos), labels, e).sum())(
+  grad = jax.grad(lambda e: forget.prototype_kl(jnp.asarray(protos), labels, e).sum())(
       jnp.asarray(emb))
   np.testing.assert_allclose(grad, q - p, rtol=1e-4, atol=1e-6)  # d KL / d logits = q - p
 
 
 def test_method_losses_from_terms():
   t = {"ce_r": 1.0, "ce_f": 3.0, "forget": 2.0, "sparse": 10.0, "kl_r": 0.5, "kl_f": 1.5}
-  assert continual.gs_lora_loss(t, HP) == pytest.approx(1.0 + 0.3 * 2.0 + 0.01 * 10.0)
-  assert continual.gs_lora_pp_loss(t, HP) == pytest.approx(
+  assert forget.gs_lora_loss(t, HP) == pytest.approx(1.0 + 0.3 * 2.0 + 0.01 * 10.0)
+  assert forget.gs_lora_pp_loss(t, HP) == pytest.approx(
       1.0 + 0.3 * 2.0 + 0.01 * 10.0 + 0.1 * (2.0 - 1.5) + 0.2 * 0.5)
-  assert continual.retain_loss(t, HP) == 1.0
-  assert continual.grad_ascent_loss(t, HP) == pytest.approx(1.0 - 0.3 * 3.0)
-  assert continual.bounded_ascent_loss(t, HP) == pytest.approx(1.0 + 0.3 * 2.0)
+  assert forget.retain_loss(t, HP) == 1.0
+  assert forget.grad_ascent_loss(t, HP) == pytest.approx(1.0 - 0.3 * 3.0)
+  assert forget.bounded_ascent_loss(t, HP) == pytest.approx(1.0 + 0.3 * 2.0)
 
 
 @functools.lru_cache(maxsize=None)
 def _loss_fn(name):
   """Jitted loss_fn of method `name` on `_net()`, block groups, 2 warm-up steps."""
-  return jax.jit(continual.make_loss(continual.METHODS[name], _net(), "block", 2))
+  return jax.jit(forget.make_loss(forget.METHODS[name], _net(), "block", 2))
 
 
 def _loss(name, hp, stage_step, protos=None):
@@ -185,7 +185,7 @@ def test_gs_lora_pp_and_grad_ascent_losses():
   args, loss, terms, ref = _loss("gs_lora_pp", HP, 5, protos=protos)
   labels_r = args[3]["retain"]["labels"]
   np.testing.assert_allclose(
-      terms["kl_r"], continual.prototype_kl(protos, labels_r, ref["emb_r"]).mean(), rtol=1e-5)
+      terms["kl_r"], forget.prototype_kl(protos, labels_r, ref["emb_r"]).mean(), rtol=1e-5)
   want = (ref["ce_r"] + HP["beta"] * max(0.0, HP["bound"] - ref["ce_f"])
           + HP["alpha"] * ref["sparse"] + HP["w_f"] * max(0.0, HP["proto_bound"] - terms["kl_f"])
           + HP["w_r"] * terms["kl_r"])
@@ -198,8 +198,8 @@ def test_prototypes_are_class_means():
   rng = np.random.default_rng(0)
   emb, labels = rng.normal(size=(7, 3)), np.array([0, 2, 2, 0, 1, 2, 1])
   mask = np.array([1, 1, 1, 1, 1, 0, 0], bool)
-  sums, counts = continual.class_sums(jnp.asarray(emb), labels, mask, 4)
-  protos = continual.prototypes(sums, counts)
+  sums, counts = forget.class_sums(jnp.asarray(emb), labels, mask, 4)
+  protos = forget.prototypes(sums, counts)
   np.testing.assert_allclose(counts, [2, 1, 2, 0])
   for c in range(3):
     np.testing.assert_allclose(protos[c], emb[(labels == c) & mask].mean(0), rtol=1e-5)
@@ -244,9 +244,9 @@ def test_merge_then_new_lora_equals_the_merged_model():
   state = train.init_state(params, old, "", {"lr": 1.0, "weight_decay": 0.0, "beta": 0.2}, 0,
                            tx)
   state["best"] = {"trainable": state["trainable"], "h": jnp.asarray(50.0)}
-  merged = continual.merged_model(state, net.lora_scale)
+  merged = forget.merged_model(state, net.lora_scale)
   fresh = lora_lib.init(jax.random.key(5), merged, rank=4, a_init="small")
-  new = continual.start_task(state, merged, fresh, "", tx, {"beta": 0.25})
+  new = forget.start_task(state, merged, fresh, "", tx, {"beta": 0.25})
   images = _batch(3)["images"]
   want, _ = _apply()(params, old, images)
   np.testing.assert_allclose(_apply()(merged, None, images)[0], want, rtol=1e-4, atol=1e-5)
@@ -264,19 +264,19 @@ def test_keep_best_and_group_report():
   state = {"trainable": {"lora": {"x": jnp.ones(2)}, "params": {}},
            "best": {"trainable": {"lora": {"x": jnp.zeros(2)}, "params": {}},
                     "h": jnp.asarray(10.0)}}
-  assert continual.keep_best(state, 5.0) is state
-  kept = continual.keep_best(state, 10.0)
-  np.testing.assert_array_equal(continual.chosen(kept)["lora"]["x"], [1.0, 1.0])
+  assert forget.keep_best(state, 5.0) is state
+  kept = forget.keep_best(state, 10.0)
+  np.testing.assert_array_equal(forget.chosen(kept)["lora"]["x"], [1.0, 1.0])
   assert float(kept["best"]["h"]) == 10.0
   members = {"trainable": {"lora": {"x": jnp.ones((3, 2))}, "params": {}},
              "best": {"trainable": {"lora": {"x": jnp.zeros((3, 2))}, "params": {}},
                       "h": jnp.asarray([10.0, 10.0, 10.0])}}
-  kept = continual.keep_best(members, np.array([9.0, 10.0, 11.0]))
+  kept = forget.keep_best(members, np.array([9.0, 10.0, 11.0]))
   np.testing.assert_array_equal(kept["best"]["trainable"]["lora"]["x"], [[0, 0], [1, 1], [1, 1]])
   np.testing.assert_array_equal(kept["best"]["h"], [10.0, 10.0, 11.0])
   lora = {"Transformer": {f"encoderblock_{i}": {"MlpBlock_0": {"Dense_0": {
       "A": jnp.full((2, 1), v), "B": jnp.zeros((1, 2))}}} for i, v in enumerate([1.0, 0.0, 2.0])}}
-  rep = continual.group_report(lora, "block")
+  rep = forget.group_report(lora, "block")
   assert rep["near_zero"] == pytest.approx(1 / 3)
   assert rep["norms"]["encoderblock_2"] == pytest.approx(np.sqrt(8.0))
 
@@ -294,7 +294,7 @@ def _digits_config():
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
   run_dir = str(tmp_path_factory.mktemp("forget_digits"))
-  return run_dir, forget.run(_digits_config(), run_dir)
+  return run_dir, runner.run("forget", _digits_config(), run_dir)
 
 
 def test_digits_job_end_to_end(digits_run):
@@ -322,7 +322,7 @@ def test_resume_mid_sequence_equals_an_uninterrupted_run(digits_run, tmp_path):
   run_dir, results = digits_run
   c = _digits_config()
   c.init.checkpoint = os.path.join(run_dir, "pretrain", "model")
-  save = workdir.Checkpoints.maybe_save
+  save = checkpoints.Checkpoints.maybe_save
 
   def crash_after_step_5(self, step, state, force=False):
     save(self, step, state, force)
@@ -330,17 +330,17 @@ def test_resume_mid_sequence_equals_an_uninterrupted_run(digits_run, tmp_path):
       self.manager.wait_until_finished()
       raise _Interrupt
 
-  with mock.patch.object(workdir.Checkpoints, "maybe_save", crash_after_step_5):
+  with mock.patch.object(checkpoints.Checkpoints, "maybe_save", crash_after_step_5):
     with pytest.raises(_Interrupt):
-      forget.run(c, str(tmp_path))
+      runner.run("forget", c, str(tmp_path))
   rows = workdir.read_json(str(tmp_path / "results.json"))["tasks"]
   assert [r["task"] for r in rows] == [0, 1] and "H" in rows[0] and "H" not in rows[1]
-  resumed = forget.run(c, str(tmp_path))
+  resumed = runner.run("forget", c, str(tmp_path))
   for a, b in zip(resumed["tasks"], results["tasks"]):
     for key in ("acc_r", "acc_f", "acc_o", "acc_f_before", "val_H"):
       np.testing.assert_allclose(a[key], b[key], equal_nan=True)
-  got, _ = workdir.load_model(str(tmp_path / "task_1" / "model"))
-  want, _ = workdir.load_model(os.path.join(run_dir, "task_1", "model"))
+  got, _ = checkpoints.load_model(str(tmp_path / "task_1" / "model"))
+  want, _ = checkpoints.load_model(os.path.join(run_dir, "task_1", "model"))
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -348,11 +348,11 @@ def test_imagenet100_config_runs_on_mock_data(tmp_path):
   cfg = ml_collections.ConfigDict(dict(variant="Nano/16", num_classes=100))
   model = vit.make_model(cfg)
   ckpt = str(tmp_path / "in100.npz")
-  checkpoints.save_npz(ckpt, vit.init_params(model, jax.random.key(0), (32, 32, 3)))
+  npz.save_npz(ckpt, vit.init_params(model, jax.random.key(0), (32, 32, 3)))
   c = _config("forget_imagenet100",
               f"runlocal,ckpt={ckpt},per_task=20,num_tasks=1,method=retrain")
   with tfds.testing.mock_data(num_examples=400, policy=tfds.testing.MockPolicy.USE_CODE):
-    results = forget.run(c, str(tmp_path / "run"))
+    results = runner.run("forget", c, str(tmp_path / "run"))
   assert [r["task"] for r in results["tasks"]] == [0]
   assert len(results["tasks"][0]["forget_ids"]) == 20
   assert results["tasks"][0]["trainable_%"] == pytest.approx(100.0)
@@ -370,7 +370,7 @@ def test_faces_config_runs_on_a_folder(tmp_path):
   c = _config("forget_faces", f"runlocal,data={tmp_path / 'faces'},classes=0-5,per_task=2,"
                               "num_tasks=1,method=gs_lora_pp")
   c.init.pretrain.checkpoint.every_steps = 0
-  results = forget.run(c, str(tmp_path / "run"))
+  results = runner.run("forget", c, str(tmp_path / "run"))
   assert [r["task"] for r in results["tasks"]] == [0]
   assert c.head.kind == "cosface"
   with pytest.raises(UserError, match="needs data="):

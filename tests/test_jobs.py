@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from kswap_jax import checkpoints, config_lib, swap, workdir
+from kswap_jax import checkpoints, config_lib, heads, runner, workdir
+from kswap_jax import npz as npz_lib
 from kswap_jax.data import pipeline
 from kswap_jax.errors import UserError
-from kswap_jax.jobs import pretrain as pretrain_job
-from kswap_jax.jobs import swap as swap_job
+from kswap_jax.methods import swap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +29,7 @@ def _pretrain_config():
 
 
 def test_pretrain_end_to_end_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
-  full = pretrain_job.run(_pretrain_config(), str(tmp_path / "a"))
+  full = runner.run("pretrain", _pretrain_config(), str(tmp_path / "a"))
   assert 0 <= full["test_accuracy"] <= 100 and full["steps"] > 4
   assert os.path.exists(tmp_path / "a" / "metrics.jsonl")
   calls = {"n": 0}
@@ -43,13 +43,13 @@ def test_pretrain_end_to_end_and_resume_equals_uninterrupted(tmp_path, monkeypat
 
   monkeypatch.setattr(pipeline, "batch", interrupted)
   with pytest.raises(KeyboardInterrupt):
-    pretrain_job.run(_pretrain_config(), str(tmp_path / "b"))
+    runner.run("pretrain", _pretrain_config(), str(tmp_path / "b"))
   monkeypatch.setattr(pipeline, "batch", real)
-  assert workdir.Checkpoints(str(tmp_path / "b" / "checkpoints"), 2, 2).latest_step() == 2
-  resumed = pretrain_job.run(_pretrain_config(), str(tmp_path / "b"))
+  assert checkpoints.Checkpoints(str(tmp_path / "b" / "checkpoints"), 2, 2).latest_step() == 2
+  resumed = runner.run("pretrain", _pretrain_config(), str(tmp_path / "b"))
   assert resumed["test_accuracy"] == full["test_accuracy"]
-  pa, _ = workdir.load_model(str(tmp_path / "a"))
-  pb, meta = workdir.load_model(str(tmp_path / "b"))
+  pa, _ = checkpoints.load_model(str(tmp_path / "a"))
+  pb, meta = checkpoints.load_model(str(tmp_path / "b"))
   chex.assert_trees_all_close(pa, pb, atol=1e-6)
   assert [c[2] for c in meta["classes"]] == ["0", "1", "2", "3", "4"]
 
@@ -115,7 +115,7 @@ def test_swap_plan_and_head_growth():
   with pytest.raises(UserError, match="order='bfl'"):
     swap.plan("bfl")
   params = {"head": {"kernel": np.ones((4, 3), np.float32), "bias": np.ones(3, np.float32)}}
-  grown = swap.grow_head(params, 2, jax.random.key(0))
+  grown = heads.grow_head(params, 2, jax.random.key(0))
   assert grown["head"]["kernel"].shape == (4, 5)
   np.testing.assert_array_equal(grown["head"]["kernel"][:, :3], 1.0)
   np.testing.assert_array_equal(grown["head"]["bias"], [1, 1, 1, 0, 0])
@@ -159,14 +159,14 @@ def test_swap_digits_runlocal(tmp_path, order):
   c.init.pretrain.data.fraction = 0.15
   for s in ("retain", "forget", "learn"):
     c.sets[s].fraction = 0.2
-  res = swap_job.run(c, str(tmp_path))
+  res = runner.run("swap", c, str(tmp_path))
   kinds = [k for k, _, _ in swap.plan(order)]
   assert [r["after"] for r in res["evals"]] == ["pretrained"] + kinds
   assert all(0 <= r[k] <= 100 for r in res["evals"] for k in ("acc_r", "acc_f", "acc_l"))
   assert len(res["blocks"][kinds[-1]]) == 2
   for f in ("results.json", "accuracy.png", "lora_blocks.png", "model/model.json"):
     assert os.path.exists(tmp_path / f)
-  _, meta = workdir.load_model(str(tmp_path))
+  _, meta = checkpoints.load_model(str(tmp_path))
   assert meta["model"]["num_classes"] == 10 and meta["classes"][-1][2] == "9"
 
 
@@ -197,11 +197,11 @@ def test_swap_imagenet100_config_on_mock_data(tmp_path, learn):
   from kswap_jax.models import vit
   model = vit.ViT(num_classes=10, **vit.get_variant("Nano/8"))
   npz = str(tmp_path / "in100.npz")
-  checkpoints.save_npz(npz, vit.init_params(model, jax.random.key(3), (32, 32, 3)))
+  npz_lib.save_npz(npz, vit.init_params(model, jax.random.key(3), (32, 32, 3)))
   c.init.checkpoint = npz
   with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE,
                               as_data_source_fn=imagenet_fn):
-    res = swap_job.run(c, str(tmp_path / "run"))
+    res = runner.run("swap", c, str(tmp_path / "run"))
   assert [r["after"] for r in res["evals"]] == ["pretrained", "learn", "forget"]
 
 

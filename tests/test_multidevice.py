@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from kswap_jax import lora as lora_lib
-from kswap_jax import continual, heads, losses, sharding, swap, train, workdir
+from kswap_jax import checkpoints, heads, losses, sharding, train, trees
 from kswap_jax.data import pipeline, sources
 from kswap_jax.errors import UserError
+from kswap_jax.methods import forget, swap
 from kswap_jax.models import vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +52,7 @@ def _pretrain(net):
 
   def loss_fn(trainable, frozen, hp, batches, rng):
     del hp
-    logits = net.apply(train.combine(frozen, trainable["params"]), None, batches["images"],
+    logits = net.apply(trees.combine(frozen, trainable["params"]), None, batches["images"],
                        train=True, rng=rng)
     return losses.cross_entropy(logits, batches["labels"]), {}
 
@@ -78,7 +79,7 @@ def _forget(net):
   hp = {"lr": 1e-2, "weight_decay": 1e-4, "beta": 0.5, "bound": 50.0, "alpha": 1e-2,
         "proto_bound": 0.0, "w_f": 0.0, "w_r": 0.0}
   state = train.init_state(params, lora, "", hp, 0, tx)
-  loss = continual.make_loss(continual.get_method("gs_lora"), heads.HeadNetwork(net, "cosface"),
+  loss = forget.make_loss(forget.get_method("gs_lora"), heads.HeadNetwork(net, "cosface"),
                              "block", 0)
   step_fn = train.make_step(loss, tx, lambda s: 1.0)
   return state, step_fn, lambda s: {"retain": _digits(10 * s, 8), "forget": _digits(10 * s + 1, 8),
@@ -143,14 +144,14 @@ def _ckpt_state(mesh_axes, trained: bool):
 
 def scenario_save(out: str, ckpt_dir: str) -> None:
   state = _ckpt_state({"data": 2, "fsdp": -1}, trained=True)
-  ckpts = workdir.Checkpoints(ckpt_dir, 1, 1)
+  ckpts = checkpoints.Checkpoints(ckpt_dir, 1, 1)
   ckpts.maybe_save(1, state, force=True)
   ckpts.close()
   np.savez(os.path.join(out, "saved.npz"), **_flat(state))
 
 
 def _restore(ckpt_dir: str, mesh_axes):
-  ckpts = workdir.Checkpoints(ckpt_dir, 1, 1)
+  ckpts = checkpoints.Checkpoints(ckpt_dir, 1, 1)
   state = ckpts.restore(_ckpt_state(mesh_axes, trained=False))
   ckpts.close()
   return state
@@ -192,10 +193,10 @@ def _host_run(ckpt_dir: str, steps: int = 3):
     state, metrics = step(state, pipeline.batch(examples, sampler.positions(s),
                                                 sharding.data_sharding(mesh)))
     out.append(metrics["loss"])
-  ckpts = workdir.Checkpoints(ckpt_dir, 1, 1)
+  ckpts = checkpoints.Checkpoints(ckpt_dir, 1, 1)
   ckpts.maybe_save(steps, state, force=True)
   ckpts.close()
-  restored = workdir.Checkpoints(ckpt_dir, 1, 1).restore(fresh)
+  restored = checkpoints.Checkpoints(ckpt_dir, 1, 1).restore(fresh)
   return np.asarray([x.addressable_data(0) for x in out]), state, restored, sorted(set(seen))
 
 

@@ -12,11 +12,8 @@ import pytest
 from ml_collections import config_flags
 
 from kswap_jax import lora as lora_lib
-from kswap_jax import config_lib, sharding, sweep, train, workdir
+from kswap_jax import checkpoints, config_lib, runner, sharding, sweep, trees
 from kswap_jax.errors import UserError
-from kswap_jax.jobs import dispose, forget
-from kswap_jax.jobs import swap as swap_job
-from kswap_jax.jobs import sweep as sweep_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEMBERS = ({"train.lr": 1e-2, "weights.forget": 0.2},
@@ -40,7 +37,7 @@ def _config(**overrides):
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
   d = tmp_path_factory.mktemp("sweep")
-  return d, sweep_job.run(_config(), str(d))
+  return d, runner.sweep(_config(), str(d))
 
 
 def test_members_equal_single_runs(swept, tmp_path):
@@ -48,22 +45,22 @@ def test_members_equal_single_runs(swept, tmp_path):
   assert [r["member"] for r in res["members"]] == [0, 1]
   for f in ("sweep.json", "pareto.png", "best/model/model.json"):
     assert os.path.exists(d / f)
-  pretrained, _ = workdir.load_model(str(d / "pretrain"))
+  pretrained, _ = checkpoints.load_model(str(d / "pretrain"))
   base = _config().base
   base.init.checkpoint = str(d / "pretrain")
   scale = base.lora.alpha / base.lora.rank
   for i, assignment in enumerate(MEMBERS):
-    single = swap_job.run(sweep.member_config(base, assignment), str(tmp_path / str(i)))
+    single = runner.run("swap", sweep.member_config(base, assignment), str(tmp_path / str(i)))
     last = single["evals"][-1]
     for k in ACCS:
       assert res["members"][i][k] == pytest.approx(last[k], abs=1e-5), (i, k)
-    alone, _ = workdir.load_model(str(tmp_path / str(i)))
+    alone, _ = checkpoints.load_model(str(tmp_path / str(i)))
     t = res["trainable"][i]
-    merged = lora_lib.merge(train.combine(pretrained, t["params"]), t["lora"], scale)
+    merged = lora_lib.merge(trees.combine(pretrained, t["params"]), t["lora"], scale)
     chex.assert_trees_all_close(merged, alone, atol=1e-5)
-  best, meta = workdir.load_model(str(d / "best"))
+  best, meta = checkpoints.load_model(str(d / "best"))
   assert meta["sweep_member"]["member"] == res["best"]
-  assert res["best"] == int(np.argmax([sweep.score(r) for r in res["members"]]))
+  assert res["best"] == int(np.argmax([r["val_acc_r"] + r["val_acc_l"] - r["val_acc_f"] for r in res["members"]]))
   assert best["head"]["kernel"].shape[-1] == 10
 
 
@@ -96,7 +93,7 @@ def forget_swept(tmp_path_factory):
   d = tmp_path_factory.mktemp("forget_sweep")
   c = _forget_config()
   c.checkpoint.every_steps = 1
-  save = workdir.Checkpoints.maybe_save
+  save = checkpoints.Checkpoints.maybe_save
 
   def crash_after_step_15(self, step, state, force=False):
     save(self, step, state, force)
@@ -104,10 +101,10 @@ def forget_swept(tmp_path_factory):
       self.manager.wait_until_finished()
       raise _Interrupt
 
-  with mock.patch.object(workdir.Checkpoints, "maybe_save", crash_after_step_15):
+  with mock.patch.object(checkpoints.Checkpoints, "maybe_save", crash_after_step_15):
     with pytest.raises(_Interrupt):
-      sweep_job.run(c, str(d))
-  return d, sweep_job.run(c, str(d))
+      runner.sweep(c, str(d))
+  return d, runner.sweep(c, str(d))
 
 
 def _forget_rows_close(got_rows: list[dict], want_rows: list[dict]) -> None:
@@ -121,13 +118,13 @@ def test_forget_members_equal_single_runs_after_a_resume(forget_swept, tmp_path)
   base = _forget_config().base
   base.init.checkpoint = str(d / "pretrain")
   for i, assignment in enumerate(FORGET_MEMBERS):
-    single = forget.run(sweep.member_config(base, assignment), str(tmp_path / str(i)))
+    single = runner.run("forget", sweep.member_config(base, assignment), str(tmp_path / str(i)))
     row = res["members"][i]
     _forget_rows_close(row["tasks"], single["tasks"])
     assert row["H"] == pytest.approx(np.mean([r["H"] for r in single["tasks"]]))
-    alone, _ = workdir.load_model(str(tmp_path / str(i) / "task_1" / "model"))
+    alone, _ = checkpoints.load_model(str(tmp_path / str(i) / "task_1" / "model"))
     if i == res["best"]:
-      best, meta = workdir.load_model(str(d / "best"))
+      best, meta = checkpoints.load_model(str(d / "best"))
       chex.assert_trees_all_close(best, alone, atol=1e-5)
       assert meta["sweep_member"]["member"] == i
   assert res["best"] == int(np.argmax([r["val_H"] for r in res["members"]]))
@@ -149,7 +146,7 @@ def test_forget_member_without_a_beta_per_task_is_refused_before_training(forget
   c.base.init.checkpoint = str(d / "pretrain")
   c.members = (FORGET_MEMBERS[0], {"weights.beta": [0.5]})
   with pytest.raises(UserError, match=r"weights.beta=\[0.5\] has no entry for task 1"):
-    sweep_job.run(c, str(tmp_path))
+    runner.sweep(c, str(tmp_path))
   assert not os.path.exists(tmp_path / "chunk_0")
 
 
@@ -157,7 +154,7 @@ def test_chunks_equal_one_chunk(swept, tmp_path):
   d, res = swept
   c = _config(members_per_chunk=1)
   c.base.init.checkpoint = str(d / "pretrain")
-  chunked = sweep_job.run(c, str(tmp_path))
+  chunked = runner.sweep(c, str(tmp_path))
   assert os.path.exists(tmp_path / "chunk_1")
   for a, b in zip(res["members"], chunked["members"]):
     for k in ACCS + tuple(f"val_{k}" for k in ACCS):
@@ -187,13 +184,13 @@ def test_dispose_members_equal_single_runs(tmp_path):
   c = config_lib.load(os.path.join(ROOT, "configs", "sweep_dispose_digits.py"), "runlocal")
   c.grid = {}
   c.members = DISPOSE_MEMBERS
-  res = sweep_job.run(c, str(tmp_path / "sweep"))
+  res = runner.sweep(c, str(tmp_path / "sweep"))
   for f in ("sweep.json", "pareto.png", "best/model/model.json", "transfer/checkpoints"):
     assert os.path.exists(tmp_path / "sweep" / f)
   base = c.base
   base.init.checkpoint = str(tmp_path / "sweep" / "pretrain")
   for i, assignment in enumerate(DISPOSE_MEMBERS):
-    single = dispose.run(sweep.member_config(base, assignment), str(tmp_path / str(i)))
+    single = runner.run("dispose", sweep.member_config(base, assignment), str(tmp_path / str(i)))
     row, last = res["members"][i], single["evals"][-1]
     assert last["after"] == "dispose"
     for k in ("target_acc", "source_acc"):
@@ -203,7 +200,7 @@ def test_dispose_members_equal_single_runs(tmp_path):
       assert row[f"pl_unscrubbed_{variant}"] == pytest.approx(accs["unscrubbed"], abs=1e-5)
       if accs["leakage"] == accs["leakage"]:
         assert row[f"leakage_{variant}"] == pytest.approx(accs["leakage"], abs=1e-5)
-    alone, _ = workdir.load_model(str(tmp_path / str(i) / "model"))
+    alone, _ = checkpoints.load_model(str(tmp_path / str(i) / "model"))
     # Full fine-tuning: every param but the attention key biases, whose gradient is exactly
     # zero (softmax ignores a per-row shift), so Adam turns float noise into lr-sized steps.
     got = {sharding.path_str(p): x for p, x in
@@ -231,7 +228,7 @@ def test_shape_changing_keys_make_groups_run_one_after_another(swept, tmp_path):
   c = _config(members=({**MEMBERS[0], "lora.rank": 4}, MEMBERS[0], MEMBERS[1],
                        {**MEMBERS[1], "lora.rank": 4}))
   c.base.init.pretrain.checkpoint.every_steps = 0
-  out = sweep_job.run(c, str(tmp_path))
+  out = runner.sweep(c, str(tmp_path))
   assert os.path.exists(tmp_path / "group_0") and os.path.exists(tmp_path / "group_1")
   assert os.path.exists(tmp_path / "pretrain")  # one pretraining, shared by both groups
   assert not os.path.exists(tmp_path / "group_0" / "pretrain")
@@ -247,7 +244,7 @@ def test_shape_changing_keys_make_groups_run_one_after_another(swept, tmp_path):
 
 def test_unknown_keys_are_refused(tmp_path):
   with pytest.raises(UserError, match=r"sweep keys \['lora.rnak'\] are not fields"):
-    sweep_job.run(_config(members=({"lora.rnak": 4},)), str(tmp_path))
+    runner.sweep(_config(members=({"lora.rnak": 4},)), str(tmp_path))
   assert not os.path.exists(tmp_path / "config.json")  # the corrected config may use the dir
 
 
@@ -283,7 +280,7 @@ def _run_on_fake_devices(method: str, pretrain: str, out: str) -> None:
   c = _config(members_per_chunk=-1) if method == "swap" else _forget_config()
   c.base.init.checkpoint = pretrain
   c.mesh.update(sweep=2, data=4)
-  res = sweep_job.run(c, os.path.join(out, "run"))
+  res = runner.sweep(c, os.path.join(out, "run"))
   with open(os.path.join(out, "rows.json"), "w") as f:
     json.dump(res["members"], f)
   np.savez(os.path.join(out, "trainable.npz"), **{

@@ -3,7 +3,9 @@
 A `Source` has `labels` (N,) int64, `class_names` (K,), and `image(i)` -> uint8 (H, W, C).
 TFDS datasets are read with `builder.as_data_source`, which needs no TensorFlow for
 array_record files (JPEG/PNG decoded with Pillow). `folder:/path` reads
-`/path/<split>/<class name>/<image file>`.
+`/path/<split>/<class name>/<image file>`; opening it reads every file's header and refuses
+(UserError naming it) a class folder without images or a file Pillow cannot identify. A file
+truncated past its header is refused when first decoded.
 """
 from __future__ import annotations
 
@@ -100,15 +102,32 @@ def _folder_source(root: str, split: str) -> Source:
     cdir = os.path.join(d, c)
     if not os.path.isdir(cdir):
       continue
-    for f in sorted(os.listdir(cdir)):
-      if f.lower().endswith(IMAGE_SUFFIXES):
-        files.append(os.path.join(cdir, f))
-        labels.append(k)
+    found = [os.path.join(cdir, f) for f in sorted(os.listdir(cdir))
+             if f.lower().endswith(IMAGE_SUFFIXES)]
+    if not found:
+      raise UserError(f"class folder {cdir!r} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                      f"add images or remove the folder")
+    for path in found:
+      try:
+        Image.open(path).close()  # reads the header only
+      except OSError:  # PIL.UnidentifiedImageError included
+        raise UserError(f"file {path!r} is not an image Pillow can read; replace or remove "
+                        f"it") from None
+    files.extend(found)
+    labels.extend([k] * len(found))
   if not files:
     raise UserError(f"folder dataset {d!r} holds no images ({', '.join(IMAGE_SUFFIXES)}) "
                     f"in class subfolders")
-  return Source(f"folder:{root}", split, np.asarray(labels, np.int64), classes,
-                lambda i: np.asarray(Image.open(files[int(i)]).convert("RGB")))
+
+  def image(i: int) -> np.ndarray:
+    try:
+      with Image.open(files[int(i)]) as im:
+        return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError) as e:  # Pillow's errors for truncated or corrupt data
+      raise UserError(f"image file {files[int(i)]!r} cannot be decoded ({e}); replace or "
+                      f"remove it") from None
+
+  return Source(f"folder:{root}", split, np.asarray(labels, np.int64), classes, image)
 
 
 def parse_classes(spec: Any, class_names: Sequence[str], what: str) -> list[int]:

@@ -8,7 +8,8 @@ Parameter tree::
   Transformer/encoder_norm    [pre_logits/{kernel, bias}]    head/{kernel (D, K), bias (K,)}
 
 Pre-LayerNorm blocks (eps 1e-6), CLS-token classifier, dropout after the embeddings, after
-attention and inside the MLP.
+attention and inside the MLP. GELU, dropout, attention and the patch embedding are the faster
+equivalents of the stock ops in `fast_ops`.
 """
 from __future__ import annotations
 
@@ -16,13 +17,12 @@ import functools
 import re
 from typing import Any
 
-import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kswap_jax.errors import UserError
+from kswap_jax.models import fast_ops
 
 # name: (width, depth, mlp_dim, heads)
 _WIDTHS = {
@@ -48,95 +48,14 @@ def get_variant(name: str) -> dict[str, Any]:
               patch_size=int(m.group(2)))
 
 
-def _gelu_cdf(x):
-  return 0.5 * (1 + jax.lax.erf(x * np.asarray(1 / np.sqrt(2), x.dtype)))
-
-
-@jax.custom_jvp
-def gelu(x: jax.Array) -> jax.Array:
-  """Exact GELU x * Phi(x); its derivative Phi(x) + x phi(x) is formed once in the forward
-  pass instead of differentiating the erf expansion (about 3x less elementwise work)."""
-  return x * _gelu_cdf(x)
-
-
-@gelu.defjvp
-def _gelu_jvp(primals, tangents):
-  (x,), (t,) = primals, tangents
-  cdf = _gelu_cdf(x)
-  pdf = jnp.exp(-0.5 * x * x) * np.asarray(1 / np.sqrt(2 * np.pi), x.dtype)
-  return x * cdf, (cdf + x * pdf) * t
-
-
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
-def threefry2x32(key: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Threefry-2x32 with 20 rounds (the hash of JAX's default PRNG): key uint32 (2,), counter
-  words x0, x1 uint32 (n,) -> two uint32 (n,) words.
-
-  Written out round by round so that XLA fuses it into one elementwise pass; JAX lowers its
-  `threefry2x32` primitive on CPU to a loop that writes the state to memory after every four
-  rounds, about 6x slower for dropout-sized draws.
-  """
-  ks = (key[0], key[1], key[0] ^ key[1] ^ np.uint32(0x1BD11BDA))
-  x0, x1 = x0 + ks[0], x1 + ks[1]
-  for i in range(5):
-    for r in _ROTATIONS[i % 2]:
-      x0 = x0 + x1
-      x1 = ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))) ^ x0
-    x0, x1 = x0 + ks[(i + 1) % 3], x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
-  return x0, x1
-
-
-class Dropout(nn.Module):
-  """Inverted dropout: zero each entry with probability `rate`, scale the rest by 1/(1-rate).
-
-  Each entry compares its own 16-bit uniform draw to round(rate * 2^16) (the rate is exact to
-  1/65536): `threefry2x32` keyed by two words of the "dropout" rng hashes n/4 counters into
-  n/2 words, whose low halves serve the first n/2 entries and high halves the rest. Half the
-  random bits of `nn.Dropout`'s float draws, and any key implementation works.
-  """
-  rate: float
-
-  @nn.compact
-  def __call__(self, x, deterministic: bool):
-    if deterministic or self.rate == 0.0:
-      return x
-    key = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)
-    counters = jax.lax.iota(jnp.uint32, -(-x.size // 4))
-    words = jnp.concatenate(threefry2x32(key, jnp.zeros_like(counters), counters))
-    # Materialised once: fused into the mask, XLA would hash again for every entry.
-    words = jax.lax.optimization_barrier(words)
-    draws = jnp.concatenate([words & 0xFFFF, words >> 16])[: x.size].reshape(x.shape)
-    keep = draws >= np.uint32(round(self.rate * 65536))
-    return jnp.where(keep, x / jnp.asarray(1 - self.rate, x.dtype), jnp.zeros_like(x))
-
-
 ATTENTION = ("einsum", "cudnn")
-
-
-def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """Softmax attention with batch and heads folded into one axis: (B, T, N, H) -> (B, T, N, H).
-
-  Every product is one (B*N)-batched matmul with a leading batch axis, a layout XLA:CPU runs
-  about 3x faster than the (B, T, N, H) einsums of `jax.nn.dot_product_attention`.
-  """
-  b, t, n, h = q.shape
-  fold = lambda x: einops.rearrange(x, "b t n h -> (b n) t h")
-  q = fold(q) * jnp.asarray(1 / np.sqrt(h), q.dtype)
-  logits = jnp.einsum("xth,xsh->xts", q, fold(k), preferred_element_type=jnp.float32)
-  # Softmax with the normalisation applied to the (T, H) output, not the (T, T) weights.
-  shifted = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
-  out = jnp.einsum("xts,xsh->xth", shifted.astype(v.dtype), fold(v))
-  out = out / shifted.sum(-1, keepdims=True).astype(out.dtype)
-  return einops.rearrange(out, "(b n) t h -> b t n h", b=b, n=n)
 
 
 class Attention(nn.Module):
   """Multi-head self-attention with the `nn.MultiHeadDotProductAttention` parameter layout.
 
   x (B, T, D) -> (B, T, D); query/key/value kernels (D, N, D/N), out kernel (N, D/N, D).
-  impl: "einsum" (`einsum_attention`, every backend) or "cudnn" (the cuDNN flash kernel of
+  impl: "einsum" (`fast_ops.einsum_attention`, every backend) or "cudnn" (the cuDNN flash kernel of
   `jax.nn.dot_product_attention`; NVIDIA GPUs, bfloat16 / float16 only).
   """
   num_heads: int
@@ -155,7 +74,7 @@ class Attention(nn.Module):
     if self.impl == "cudnn":
       out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     else:
-      out = einsum_attention(q, k, v)
+      out = fast_ops.einsum_attention(q, k, v)
     out = dense(d, axis=(-2, -1), name="out")(out.reshape(b * t, self.num_heads, -1))
     return out.reshape(b, t, d)
 
@@ -173,10 +92,10 @@ class MlpBlock(nn.Module):
                               kernel_init=nn.initializers.xavier_uniform(),
                               bias_init=nn.initializers.normal(stddev=1e-6))
     y = dense(self.mlp_dim)(x.reshape(b * t, d))  # one (B*T, D) token matrix, as in Attention
-    y = gelu(y)
-    y = Dropout(self.dropout)(y, deterministic=not train)
+    y = fast_ops.gelu(y)
+    y = fast_ops.Dropout(self.dropout)(y, deterministic=not train)
     y = dense(d)(y)
-    return Dropout(self.dropout)(y, deterministic=not train).reshape(b, t, d)
+    return fast_ops.Dropout(self.dropout)(y, deterministic=not train).reshape(b, t, d)
 
 
 class EncoderBlock(nn.Module):
@@ -192,7 +111,7 @@ class EncoderBlock(nn.Module):
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
     y = Attention(self.num_heads, self.attention, self.dtype,
                   name="MultiHeadDotProductAttention_0")(y)
-    x = x + Dropout(self.dropout)(y, deterministic=not train)
+    x = x + fast_ops.Dropout(self.dropout)(y, deterministic=not train)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
     return x + MlpBlock(self.mlp_dim, self.dropout, self.dtype)(y, train)
 
@@ -216,9 +135,9 @@ class Encoder(nn.Module):
 class PatchEmbedding(nn.Module):
   """Non-overlapping p x p patches -> width: (B, H, W, C) -> (B, H/p, W/p, D).
 
-  The `nn.Conv` parameters (kernel (p, p, C, D), bias (D,)) applied as one matmul over
-  flattened patches, which XLA runs faster than a strided convolution and which vmaps
-  through second-order gradients (Gradient Collision members of a sweep).
+  The `nn.Conv` parameters (kernel (p, p, C, D), bias (D,)) applied by `fast_ops.embed_patches`
+  as one matmul, which XLA runs faster than a strided convolution and which vmaps through
+  second-order gradients (Gradient Collision members of a sweep).
   """
   width: int
   patch_size: int
@@ -229,8 +148,7 @@ class PatchEmbedding(nn.Module):
     p, c = self.patch_size, images.shape[-1]
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.width))
     bias = self.param("bias", nn.initializers.zeros, (self.width,))
-    patches = einops.rearrange(images, "b (h p) (w q) c -> b h w (p q c)", p=p, q=p)
-    return patches @ kernel.reshape(-1, self.width).astype(self.dtype) + bias.astype(self.dtype)
+    return fast_ops.embed_patches(images, kernel.astype(self.dtype), bias.astype(self.dtype))
 
 
 class ViT(nn.Module):
@@ -260,7 +178,7 @@ class ViT(nn.Module):
     x = x + pos.astype(self.dtype)
     cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
     x = jnp.concatenate([jnp.tile(cls.astype(self.dtype), (b, 1, 1)), x], axis=1)
-    x = Dropout(self.dropout)(x, deterministic=not train)
+    x = fast_ops.Dropout(self.dropout)(x, deterministic=not train)
     x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.attention,
                 self.dtype, name="Transformer")(x, train)
     emb = x[:, 0]

@@ -1,0 +1,564 @@
+"""`forget`: continual forgetting with GS-LoRA, GS-LoRA++ or a baseline (`config.method`).
+
+  kswap forget --config configs/forget_digits.py --workdir runs/forget_digits
+  kswap forget --config configs/forget_digits.py:method=gs_lora_pp --workdir runs/forget_pp
+
+A run is a sequence of tasks. Task t forgets the classes F_t, keeps R_t (every class not yet
+forgotten), and only measures the classes O_t forgotten by earlier tasks, which get no signal.
+Class ids are indices into the model's label space. Each method is a loss on a few batch
+terms plus a `Method` entry (what trains, its lr):
+
+  gs_lora              CE(R) + beta * relu(BND - CE(F)) + alpha * S           LoRA
+  gs_lora_pp           gs_lora + w_f * relu(BND_pro - KL_F) + w_r * KL_R      LoRA
+  retrain              CE(R), from a freshly initialised model                 all params
+  finetune             CE(R)                                                   all but head
+  grad_ascent          CE(R) - beta * CE(F)                                    all but head
+  grad_ascent_bounded  CE(R) + beta * relu(BND - CE(F))                        all but head
+
+S: group-sparse penalty on the LoRA (`losses.group_sparse`); alpha is 0 during the first
+`warmup_epochs` of a task. KL_R, KL_F: batch means of KL(softmax(proto[y]) || softmax(emb)),
+proto = the class's mean embedding under the model at the start of the task. A baseline is
+`loss(terms, hparams) -> scalar` over the terms `make_loss` computes plus a `Method` in
+METHODS; `config.method` then selects it.
+
+One stage per task. Its begin folds the previous task's chosen LoRA (and trained params) into
+the model, measures that model ("before"), computes class prototypes if the method uses them,
+and starts a fresh LoRA and optimizer state; its end merges the task's chosen LoRA, exports the
+model to workdir/task_{t}/model and measures it. Model selection (`select_best`): every
+`eval_every_epochs` epochs and at a task's last step the current LoRA is scored by H on the
+validation split (data.val_split; R and F of the task) and the best one is kept in the state
+(a LoRA whose H is below -1, one that made forgetting worse than doing nothing, is never
+kept); otherwise a task ends with its last LoRA. The test split is never used for selection.
+
+Writes workdir/results.json (per task: Acc_r, Acc_f before and after, Acc_o, H, the accuracy
+on every class forgotten so far, the pretrained model's Acc_r, trainable share, LoRA group
+norms, and with a validation split val_H, the validation H of the model the task ends with)
+and workdir/groups.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import ml_collections
+import numpy as np
+
+from kswap_jax import builders, checkpoints, heads, losses, recipe, sharding, train, trees
+from kswap_jax import lora as lora_lib
+from kswap_jax.data import pipeline, sources
+from kswap_jax.errors import UserError
+from kswap_jax.metrics import h_mean, set_accuracy
+from kswap_jax.models import vit
+from kswap_jax.progress import say, table
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Loss weights and bounds, all float32 arrays in state["hparams"] (a study may vmap them).
+HPARAMS = ("beta", "bound", "alpha", "proto_bound", "w_f", "w_r")
+PROTOCOL_SEED = 1337
+NEAR_ZERO = 1e-3  # a group is "near zero" below this fraction of the largest group norm
+COLUMNS = ["task", "forget", "acc_r_pre", "acc_r", "acc_f_before", "acc_f", "acc_o", "H",
+           "trainable_%"]
+ACCS = ("acc_r", "acc_f", "acc_o")  # retained, forgotten by this task, by earlier ones
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """Label-space class ids of one forgetting request."""
+  forget: tuple[int, ...]
+  retain: tuple[int, ...]
+  old: tuple[int, ...]
+
+
+def protocol(num_classes: int, per_task: int, num_tasks: int,
+             seed: int = PROTOCOL_SEED) -> list[Task]:
+  """Seeded class order; task t forgets order[C - N(t+1) : C - Nt], retains order[: C - N(t+1)]."""
+  if per_task < 1 or num_tasks < 1 or per_task * num_tasks >= num_classes:
+    raise UserError(f"tasks: {num_tasks} tasks of {per_task} classes do not fit {num_classes} "
+                    f"classes; need per_task * num_tasks < {num_classes} so some class is kept")
+  order = [int(c) for c in np.random.default_rng(seed).permutation(num_classes)]
+  out = []
+  for t in range(num_tasks):
+    lo, hi = num_classes - per_task * (t + 1), num_classes - per_task * t
+    out.append(Task(tuple(order[lo:hi]), tuple(order[:lo]), tuple(order[hi:])))
+  return out
+
+
+def explicit(forget: list[list[int]], num_classes: int) -> list[Task]:
+  """Tasks from explicit forget lists; R_t is every class not forgotten by tasks <= t."""
+  out, gone = [], []
+  for t, classes in enumerate(forget):
+    again = sorted(set(classes) & set(gone))
+    if again:
+      raise UserError(f"tasks.forget[{t}] repeats classes {again} forgotten by an earlier task")
+    dropped = set(gone) | set(classes)
+    retain = tuple(c for c in range(num_classes) if c not in dropped)
+    if not retain:
+      raise UserError(f"tasks.forget[{t}] leaves no class to retain; keep at least one")
+    out.append(Task(tuple(classes), retain, tuple(gone)))
+    gone += list(classes)
+  return out
+
+
+def task_value(values, t: int, name: str) -> float:
+  """Per-task value: a number, or the t-th entry of a list."""
+  if isinstance(values, (int, float)):
+    return float(values)
+  if t >= len(values):
+    raise UserError(f"{name}={list(values)} has no entry for task {t}; give one value per task "
+                    f"or a single number")
+  return float(values[t])
+
+
+# --- losses ------------------------------------------------------------------------------
+
+def prototype_kl(protos: jax.Array, labels: jax.Array, emb: jax.Array) -> jax.Array:
+  """KL(softmax(protos[labels]) || softmax(emb)) per sample: (K, D), (B,), (B, D) -> (B,)."""
+  log_p = jax.nn.log_softmax(protos[labels], -1)
+  log_q = jax.nn.log_softmax(emb, -1)
+  return jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1)
+
+
+def gs_lora_loss(t: dict, hp: dict) -> jax.Array:
+  return t["ce_r"] + hp["beta"] * t["forget"] + hp["alpha"] * t["sparse"]
+
+
+def gs_lora_pp_loss(t: dict, hp: dict) -> jax.Array:
+  return (gs_lora_loss(t, hp) + hp["w_f"] * jax.nn.relu(hp["proto_bound"] - t["kl_f"])
+          + hp["w_r"] * t["kl_r"])
+
+
+def retain_loss(t: dict, hp: dict) -> jax.Array:
+  del hp
+  return t["ce_r"]
+
+
+def grad_ascent_loss(t: dict, hp: dict) -> jax.Array:
+  return t["ce_r"] - hp["beta"] * t["ce_f"]
+
+
+def bounded_ascent_loss(t: dict, hp: dict) -> jax.Array:
+  return t["ce_r"] + hp["beta"] * t["forget"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """loss(terms, hparams) -> scalar, and what the method trains.
+
+  lora: train a fresh LoRA per task (merged after it); trainable: regex of base params trained
+  directly; from_scratch: re-initialise the model before each task; prototypes: the loss reads
+  class prototypes; lr: its default learning rate (1e-2 for LoRA and 1e-4 for fine-tuning, as
+  in the papers; 2e-3 to train from scratch), which the configs read.
+  """
+  loss: Callable[[dict, dict], jax.Array]
+  lr: float
+  lora: bool = False
+  trainable: str = ""
+  from_scratch: bool = False
+  prototypes: bool = False
+
+
+NOT_HEAD = r"(?!head/).*"
+METHODS = {
+    "gs_lora": Method(gs_lora_loss, 1e-2, lora=True),
+    "gs_lora_pp": Method(gs_lora_pp_loss, 1e-2, lora=True, prototypes=True),
+    "retrain": Method(retain_loss, 2e-3, trainable=".*", from_scratch=True),
+    "finetune": Method(retain_loss, 1e-4, trainable=NOT_HEAD),
+    "grad_ascent": Method(grad_ascent_loss, 1e-4, trainable=NOT_HEAD),
+    "grad_ascent_bounded": Method(bounded_ascent_loss, 1e-4, trainable=NOT_HEAD),
+}
+
+
+def get_method(name: str) -> Method:
+  if name not in METHODS:
+    raise UserError(f"method={name!r} is not allowed; use one of {sorted(METHODS)}")
+  return METHODS[name]
+
+
+def make_loss(method: Method, net, group: str, warmup_steps: int) -> train.LossFn:
+  """loss_fn(trainable, frozen, hparams, batches, rng) for `train.make_step`.
+
+  batches: {"retain": b, "forget": b, "ctx": {"stage_step": int32 () [, "protos": (K, D)]}},
+  b = {"images": uint8 (B, H, W, C), "labels": int32 (B,)}; one forward pass over R and F.
+  net.apply(..., labels=) lets a margin head see the labels.
+  """
+
+  def loss_fn(trainable, frozen, hp, batches, rng):
+    r, f, ctx = batches["retain"], batches["forget"], batches["ctx"]
+    n = r["labels"].shape[0]
+    labels = jnp.concatenate([r["labels"], f["labels"]])
+    logits, emb = net.apply(trees.combine(frozen, trainable["params"]), trainable["lora"],
+                            jnp.concatenate([r["images"], f["images"]]), labels=labels,
+                            train=True, rng=rng, return_embedding=True)
+    terms = {"ce_r": losses.cross_entropy(logits[:n], r["labels"]),
+             "ce_f": losses.cross_entropy(logits[n:], f["labels"]),
+             "forget": losses.bounded_forget(logits[n:], f["labels"], hp["bound"]),
+             "sparse": losses.group_sparse(trainable["lora"], group)}
+    if method.prototypes:
+      terms["kl_r"] = prototype_kl(ctx["protos"], r["labels"], emb[:n]).mean()
+      terms["kl_f"] = prototype_kl(ctx["protos"], f["labels"], emb[n:]).mean()
+    hp = {**hp, "alpha": jnp.where(ctx["stage_step"] >= warmup_steps, hp["alpha"], 0.0)}
+    return method.loss(terms, hp), terms
+
+  return loss_fn
+
+
+# --- prototypes, task transitions, reports ------------------------------------------------
+
+def class_sums(emb: jax.Array, labels: jax.Array, mask: jax.Array,
+               num_classes: int) -> tuple[jax.Array, jax.Array]:
+  """Per-class embedding sums and counts: (B, D), (B,), (B,) -> (K, D), (K,)."""
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=emb.dtype) * mask[:, None]
+  return onehot.T @ emb, onehot.sum(0)
+
+
+def prototypes(sums: jax.Array, counts: jax.Array) -> jax.Array:
+  """Mean embedding per class (K, D); zero rows for classes without examples."""
+  return sums / jnp.maximum(counts, 1)[:, None]
+
+
+def chosen(state: dict) -> dict:
+  """The trainable tree a task ends with: the selected one if the state keeps a best."""
+  return state["best"]["trainable"] if "best" in state else state["trainable"]
+
+
+def merged_model(state: dict, scale: float) -> dict:
+  """Full params with the chosen trainable params and LoRA folded in."""
+  t = chosen(state)
+  return lora_lib.merge(trees.combine(state["params"], t["params"]), t["lora"], scale)
+
+
+def start_task(state: dict, params: dict, lora: dict, trainable: str, tx,
+               hparams: dict[str, float]) -> dict:
+  """State for a new task on model `params`: fresh LoRA (or {}), optimizer state, hparams.
+
+  Keeps every key of `state` and the structure of each value, so checkpoints of any task
+  restore onto the same target.
+  """
+  frozen, tparams = trees.partition(params, trainable)
+  t = {"lora": lora, "params": tparams}
+  out = {**state, "params": frozen, "trainable": t, "opt": tx.init(t),
+         "hparams": {**state["hparams"],
+                     **{k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}}}
+  if "best" in state:
+    out["best"] = {"trainable": jax.tree.map(jnp.copy, t), "h": jnp.asarray(-1.0, jnp.float32)}
+  return out
+
+
+def keep_best(state: dict, h) -> dict:
+  """Stores the current trainable tree as the best where `h` is at least the best's.
+
+  h: a float, or (N,) one score per member of a study's stacked state.
+  """
+  h = np.asarray(h, np.float64)
+  better = h >= np.asarray(state["best"]["h"], np.float64)
+  if not better.any():
+    return state
+
+  def pick(new, old):
+    return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - better.ndim)), new, old)
+
+  return {**state, "best": {
+      "trainable": jax.tree.map(pick, state["trainable"], state["best"]["trainable"]),
+      "h": jnp.asarray(np.where(better, h, state["best"]["h"]), jnp.float32)}}
+
+
+def group_report(lora: dict, group: str) -> dict[str, Any]:
+  """{"norms": {group: norm}, "near_zero": fraction of groups below NEAR_ZERO * max norm}."""
+  norms = {k: float(v) for k, v in losses.group_norms(lora, group).items()}
+  top = max(norms.values(), default=0.0)
+  near = sum(v < NEAR_ZERO * top for v in norms.values())
+  return {"norms": norms, "near_zero": near / len(norms) if norms else float("nan")}
+
+
+def task_accuracies(correct: np.ndarray, count: np.ndarray, task: Task) -> dict[str, float]:
+  """Acc_r, Acc_f, Acc_o (%) from per-class (correct, count), each (K,)."""
+  return {"acc_r": set_accuracy(correct, count, task.retain),
+          "acc_f": set_accuracy(correct, count, task.forget),
+          "acc_o": set_accuracy(correct, count, task.old)}
+
+
+def tasks_from_config(tcfg: ml_collections.ConfigDict,
+                      labels: pipeline.LabelSpace) -> list[Task]:
+  """Explicit `forget` lists (ids or names of the model's classes), else the protocol."""
+  names = [e[2] for e in labels.entries]
+  if tcfg.get("forget"):
+    return explicit([sources.parse_classes(f, names, f"tasks.forget[{t}]")
+                     for t, f in enumerate(tcfg.forget)], len(names))
+  return protocol(len(names), tcfg.per_task, tcfg.num_tasks,
+                  tcfg.get("order_seed", PROTOCOL_SEED))
+
+
+class Recipe(recipe.Recipe):
+  """Continual forgetting: one stage per task, each member with its own merged model, best
+  LoRA per task (validation H) and class prototypes. A study's score is the mean validation
+  H over tasks."""
+  name = "forget"
+  sweepable = ("seed", "train.lr", "train.weight_decay", *(f"weights.{k}" for k in HPARAMS))
+  score_text = "mean val H over tasks"
+  columns = ("acc_r", "acc_f", "acc_o", "acc_forgotten", "H", "val_H")
+  pareto = (("acc_r", "Acc_r"), ("acc_forgotten", "Acc on all forgotten classes"),
+            ("H", "mean H"))
+
+  def __init__(self, config, run_dir, init, mesh):
+    super().__init__(config, run_dir, init, mesh)
+    self.method = get_method(config.method)
+    self.params, self.model_cfg, self.labels = builders.initial_model(config, init)
+    datasets = sorted({e[0] for e in self.labels.entries})
+    if len(datasets) != 1:
+      raise UserError(f"the model's classes come from several datasets {datasets}; forget "
+                      "needs one")
+    data = config.data
+    if config.select_best and not data.get("val_split"):
+      raise UserError("select_best needs a validation split: set data.val_split (e.g. "
+                      "'train[90%:]') or select_best=False")
+    self.tasks = tasks_from_config(config.tasks, self.labels)
+    hcfg = config.head
+    self.net = heads.HeadNetwork(builders.network(config, self.model_cfg), hcfg.kind,
+                                 hcfg.scale, hcfg.margin)
+    # A task's merge changes the LoRA-target kernels: a study keeps them per member.
+    self.member_params = f"(?:{config.lora.targets})/kernel" if self.method.lora else ""
+    self.sets, self.samplers = [], []
+    for t, task in enumerate(self.tasks):
+      self.sets.append(tuple(
+          self._examples(task_classes, data.train_split, f"{name}_{t}", config.sets[name],
+                         config.seed + t)
+          for name, task_classes in (("retain", task.retain), ("forget", task.forget))))
+      self.samplers.append((
+          pipeline.EpochSampler(len(self.sets[t][0]), config.train.batch_size, config.seed + t),
+          pipeline.EpochSampler(len(self.sets[t][1]), config.train.batch_size,
+                                config.seed + 1000 + t)))
+    everything = range(len(self.labels))
+    self.eval_sets = {"": self._examples(everything, data.test_split, "test")}
+    if data.get("val_split"):
+      self.eval_sets["val_"] = self._examples(everything, data.val_split, "val")
+    self.counts = train.correct_counts(self.net, len(self.labels),
+                                       pass_labels=hcfg.margin_at_eval)
+    k, net = len(self.labels), self.net
+
+    @jax.jit
+    def emb_sums(params, batch):
+      _, emb = net.apply(params, None, batch["images"], return_embedding=True)
+      return class_sums(emb, batch["labels"], batch["mask"], k)
+
+    self.emb_sums = emb_sums
+    for t, task in enumerate(self.tasks):
+      retain, forget = self.sets[t]
+      say(f"task {t}: forget {len(task.forget)} classes ({len(forget)} images), retain "
+          f"{len(task.retain)} ({len(retain)} images), {self.steps(t)} steps")
+    say(f"forget ({config.method}): {len(self.tasks)} tasks, {len(self.labels)} classes, ViT "
+        f"{self.model_cfg.variant}, {hcfg.kind} head")
+
+  def _examples(self, classes, split: str, name: str, subset_cfg=None,
+                seed: int = 0) -> pipeline.ExampleSet:
+    """Examples of label-space `classes` from `split`; a fraction / k-shot subset if given."""
+    entries = self.labels.entries
+    spec = ml_collections.ConfigDict(dict(
+        dataset=entries[0][0], classes=[entries[k][1] for k in classes],
+        fraction=subset_cfg.fraction if subset_cfg else 1.0,
+        per_class=subset_cfg.per_class if subset_cfg else 0, seed=seed))
+    return builders.example_set(self.config.data, spec, split, self.labels, name,
+                                subset=subset_cfg is not None)
+
+  def steps(self, t: int) -> int:
+    return self.config.train.epochs * self.samplers[t][0].steps_per_epoch
+
+  def measure(self, params, lora, examples) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class (correct, count), each (K,)."""
+    return train.evaluate(self.counts, params, lora, examples,
+                          self.config.data.eval_batch_size, self.mesh)
+
+  def new_lora(self, params, t: int, seed: int) -> dict:
+    """Task t's fresh LoRA ({} for methods without one)."""
+    if not self.method.lora:
+      return {}
+    lcfg = self.config.lora
+    return lora_lib.init(jax.random.fold_in(jax.random.key(seed + 2), t), params,
+                         rank=lcfg.rank, targets=lcfg.targets,
+                         a_init=lcfg.a_init_first if t == 0 else lcfg.a_init)
+
+  def check(self, config):
+    """Refuses a per-task weights.beta list without a value for every task."""
+    for t in range(len(self.tasks)):
+      task_value(config.weights.beta, t, "weights.beta")
+
+  def initial_state(self, config):
+    """Task 0's state for a member `config`: its lr, weights and seed."""
+    self.check(config)
+    tcfg, wcfg = config.train, config.weights
+    hparams = {"lr": tcfg.lr, "weight_decay": tcfg.weight_decay,
+               **{h: wcfg[h] for h in HPARAMS if h != "beta"},
+               "beta": task_value(wcfg.beta, 0, "weights.beta")}
+    state = train.init_state(self.params, self.new_lora(self.params, 0, config.seed),
+                             self.method.trainable, hparams, config.seed, self.tx,
+                             self.rng_impl)
+    if self.config.select_best:
+      state["best"] = {"trainable": jax.tree.map(jnp.copy, state["trainable"]),
+                       "h": jnp.asarray(-1.0, jnp.float32)}
+    if self.method.prototypes:
+      state["protos"] = jnp.zeros((len(self.labels), self.embedding_dim()), jnp.float32)
+    return state
+
+  def embedding_dim(self) -> int:
+    data = self.config.data
+    dummy = jnp.zeros((1, data.image_size, data.image_size, data.channels), jnp.uint8)
+    return jax.eval_shape(lambda p: self.net.apply(p, None, dummy, return_embedding=True)[1],
+                          self.params).shape[-1]
+
+  def prototypes(self, params, t: int) -> jax.Array:
+    """(K, D) mean embedding per class of task t's train sets under `params`."""
+    sums = n = 0
+    for s in self.sets[t]:
+      for b in pipeline.eval_batches(s, self.config.data.eval_batch_size,
+                                     sharding.data_sharding(self.mesh)):
+        ds, dn = self.emb_sums(params, b)
+        sums, n = sums + ds, n + dn
+    return prototypes(sums, n)
+
+  def stages(self):
+    tcfg, put = self.config.train, sharding.data_sharding(self.mesh)
+    out = []
+    for t, task in enumerate(self.tasks):
+      (retain, forget), (rs, fs) = self.sets[t], self.samplers[t]
+      spe = rs.steps_per_epoch
+
+      def batches(s, retain=retain, forget=forget, rs=rs, fs=fs):
+        return {"retain": pipeline.batch(retain, rs.positions(s), put),
+                "forget": pipeline.batch(forget, fs.positions(s), put)}
+
+      def select_at(s, t=t, spe=spe):
+        return self.config.select_best and ((s + 1) % (self.config.eval_every_epochs * spe) == 0
+                                            or s + 1 == self.steps(t))
+
+      out.append(recipe.Stage(
+          f"task {t}", self.steps(t),
+          make_loss(self.method, self.net, self.config.group, tcfg.warmup_epochs * spe),
+          batches, end_ratio=lambda c: c.train.lr_end / c.train.lr, steps_per_epoch=spe,
+          context=_context, begin=lambda m, s, t=t, task=task: self.begin(m, s, t, task),
+          end=lambda m, s, t=t, task=task: self.end(m, s, t, task), select_at=select_at,
+          select=lambda m, s, t=t, task=task: self.select(m, s, t, task)))
+    return out
+
+  def start(self, member, state):
+    results = member.results
+    results.setdefault("method", self.config.method)
+    results.setdefault("tasks", [])
+    if "pretrained" not in results:  # the initial state holds the pretrained model, placed
+      correct, count = self.measure(train.full_params(state), None, self.eval_sets[""])
+      results["pretrained"] = {"correct": correct, "count": count}
+
+  def _row(self, member, t: int) -> dict:
+    return next(r for r in member.results["tasks"] if r["task"] == t)
+
+  def _save_row(self, member, new: dict) -> None:
+    results = member.results
+    results["tasks"] = sorted([r for r in results["tasks"] if r["task"] != new["task"]]
+                              + [new], key=lambda r: r["task"])
+    member.save()
+
+  def begin(self, member, state, t: int, task: Task):
+    """Measures the model the task starts from, then starts the task on it."""
+    params = merged_model(state, self.net.lora_scale)
+    pre = {key: np.asarray(v) for key, v in member.results["pretrained"].items()}
+    names = self.labels.entries
+    r = {"task": t, "forget": ",".join(names[c][2] for c in task.forget),
+         "forget_ids": list(task.forget), "retain_ids": list(task.retain),
+         "old_ids": list(task.old),
+         "acc_r_pre": set_accuracy(pre["correct"], pre["count"], task.retain)}
+    for prefix, examples in self.eval_sets.items():
+      accs = task_accuracies(*self.measure(params, None, examples), task)
+      r.update({f"{prefix}{key}_before": v for key, v in accs.items()})
+    self._save_row(member, r)
+    config = member.config
+    if self.method.from_scratch:
+      data = self.config.data
+      params = vit.init_params(self.net.base.model, jax.random.key(config.seed + 100 + t),
+                               (data.image_size,) * 2 + (data.channels,))
+    state = start_task(state, params, self.new_lora(params, t, config.seed),
+                       self.method.trainable, self.tx,
+                       {"beta": task_value(config.weights.beta, t, "weights.beta")})
+    if self.method.prototypes:
+      state["protos"] = self.prototypes(params, t)
+    return state
+
+  def select(self, member, state, t: int, task: Task):
+    """Keeps the current trainable tree as the task's best if its validation H is."""
+    a = task_accuracies(*self.measure(train.full_params(state), state["trainable"]["lora"],
+                                      self.eval_sets["val_"]), task)
+    h = h_mean(a["acc_r"], self._row(member, t)["val_acc_f_before"], a["acc_f"])
+    return keep_best(state, h)
+
+  def end(self, member, state, t: int, task: Task) -> None:
+    """Measures the task's merged model (test and validation); exports it in a single run."""
+    params = self.released(state)
+    r = self._row(member, t)
+    for prefix, examples in self.eval_sets.items():
+      correct, count = self.measure(params, None, examples)
+      r.update({f"{prefix}{key}": v for key, v in task_accuracies(correct, count, task).items()})
+      if prefix == "":
+        r["acc_forgotten"] = set_accuracy(correct, count, task.old + task.forget)
+    n = lora_lib.count(chosen(state))
+    r.update(H=h_mean(r["acc_r"], r["acc_f_before"], r["acc_f"]), trainable=n,
+             **{"trainable_%": 100.0 * n / lora_lib.count(self.params)})
+    if "val_" in self.eval_sets:
+      r["val_H"] = h_mean(r["val_acc_r"], r["val_acc_f_before"], r["val_acc_f"])
+    if self.method.lora:
+      r["groups"] = group_report(chosen(state)["lora"], self.config.group)
+    self._save_row(member, r)
+    if member.export:
+      checkpoints.export_model(member.path(f"task_{t}", "model"), params, self.model_cfg,
+                               self.labels.to_json(),
+                               {"task": t, "forgotten": list(task.old + task.forget)})
+      say(self.report(member.results))
+      if jax.process_index() == 0 and self.method.lora:
+        plot_groups(member.results["tasks"], self.config.group, member.path("groups.png"))
+
+  def released(self, state):
+    return merged_model(state, self.net.lora_scale)
+
+  @staticmethod
+  def report(results):
+    return table(results["tasks"], COLUMNS)
+
+  def row(self, member):
+    tasks = member.results["tasks"]
+    last = tasks[-1]
+    return {**{k: last[k] for k in (*ACCS, "acc_forgotten")},
+            "H": float(np.mean([r["H"] for r in tasks])),
+            "val_H": float(np.mean([r.get("val_H", np.nan) for r in tasks])), "tasks": tasks}
+
+  def score(self, row):
+    return row["val_H"]
+
+
+def _context(state) -> dict:
+  """What a task's loss reads from the state: the stage step and the class prototypes."""
+  ctx = {"stage_step": state["stage_step"]}
+  if "protos" in state:
+    ctx["protos"] = state["protos"]
+  return ctx
+
+
+def plot_groups(rows: list[dict], group: str, path: str) -> None:
+  """One bar group per LoRA group: its norm after each task (log scale)."""
+  rows = [r for r in rows if "groups" in r]
+  names = sorted(rows[0]["groups"]["norms"])
+  fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(names) * len(rows)), 3.2))
+  width = 0.8 / len(rows)
+  x = np.arange(len(names))
+  for i, r in enumerate(rows):
+    norms = [r["groups"]["norms"][n] for n in names]
+    ax.bar(x + (i - (len(rows) - 1) / 2) * width, norms, width,
+           label=f"task {r['task']} ({100 * r['groups']['near_zero']:.0f}% near 0)")
+  ax.set_xticks(x, [n.replace("Transformer/", "").replace("encoderblock_", "block ")
+                    for n in names], rotation=30 if len(names) > 6 else 0, fontsize=7, ha="right")
+  ax.set_yscale("log")
+  ax.set_ylabel(f"LoRA norm per {group}")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -1,0 +1,115 @@
+"""`pretrain`: train a ViT (from scratch or from a .npz) on a dataset's classes.
+
+Produces the exported model (workdir/model) that the unlearning methods start from, with
+per-class and overall test top-1 accuracy in workdir/results.json. The others run it on
+demand: a config whose `init.checkpoint` is empty pretrains `init.pretrain` first.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from kswap_jax import builders, checkpoints, losses, metrics, npz, recipe, sharding, train
+from kswap_jax import trees
+from kswap_jax.data import pipeline
+from kswap_jax.models import vit
+from kswap_jax.progress import say, table
+
+
+class Recipe(recipe.Recipe):
+  """All params trained with cross-entropy on `data.classes`; one stage."""
+  name = "pretrain"
+  sweepable = ("seed", "train.lr", "train.weight_decay")
+  score_text = "validation top-1"
+  columns = ("test_accuracy", "val_accuracy")
+  pareto = (("test_accuracy", "test top-1"), ("val_accuracy", "validation top-1"), None)
+
+  def __init__(self, config, run_dir, init, mesh):
+    super().__init__(config, run_dir, init, mesh)
+    data = config.data
+    self.labels = builders.label_space(data, data.dataset, data.classes, "data.classes")
+    spec = ml_collections.ConfigDict(dict(dataset=data.dataset, classes=data.classes,
+                                          fraction=data.get("fraction", 1.0),
+                                          per_class=data.get("per_class", 0), seed=config.seed))
+    self.sets = {"train": builders.example_set(data, spec, data.train_split, self.labels,
+                                               "train", subset=True),
+                 "test": builders.example_set(data, spec, data.test_split, self.labels, "test",
+                                              subset=False)}
+    if data.get("val_split"):
+      self.sets["val"] = builders.example_set(data, spec, data.val_split, self.labels, "val",
+                                              subset=False)
+    self.model_cfg = ml_collections.ConfigDict(config.model)
+    self.model_cfg.num_classes = len(self.labels)
+    self.net = builders.network(config, self.model_cfg)
+    self.sampler = pipeline.EpochSampler(len(self.sets["train"]), config.train.batch_size,
+                                         config.seed)
+    self.counts = train.correct_counts(self.net, len(self.labels))
+    say(f"pretrain: {len(self.sets['train'])} train / {len(self.sets['test'])} test images, "
+        f"{len(self.labels)} classes, ViT {config.model.variant}, {self.num_steps()} steps")
+
+  def num_steps(self) -> int:
+    return self.config.train.epochs * self.sampler.steps_per_epoch
+
+  def initial_state(self, config):
+    data = self.config.data
+    params = vit.init_params(self.net.model, jax.random.key(config.seed),
+                             (data.image_size, data.image_size, data.channels))
+    if config.init.get("checkpoint"):
+      params = npz.load_pretrained(config.init.checkpoint, params,
+                                   dont_load=tuple(config.init.get("dont_load", ())))
+    tcfg = config.train
+    return train.init_state(params, None, ".*",
+                            {"lr": tcfg.lr, "weight_decay": tcfg.weight_decay}, config.seed,
+                            self.tx, self.rng_impl)
+
+  def loss(self, trainable, frozen, hp, batches, rng):
+    del hp
+    logits = self.net.apply(trees.combine(frozen, trainable["params"]), None,
+                            batches["images"], train=True, rng=rng)
+    acc = jnp.mean(jnp.argmax(logits, -1) == batches["labels"])
+    return losses.cross_entropy(logits, batches["labels"]), {"acc": acc}
+
+  def stages(self):
+    put = sharding.data_sharding(self.mesh)
+    return [recipe.Stage(
+        "pretrain", self.num_steps(), self.loss,
+        lambda s: pipeline.batch(self.sets["train"], self.sampler.positions(s), put),
+        end_ratio=lambda c: c.train.lr_end / c.train.lr,
+        warmup_steps=self.config.train.get("warmup_steps", 0), end=self.evaluate)]
+
+  def evaluate(self, member, state) -> None:
+    params = train.full_params(state)
+    bs = self.config.data.eval_batch_size
+    correct, count = train.evaluate(self.counts, params, None, self.sets["test"], bs, self.mesh)
+    per_class = {self.labels.entries[k][2]: metrics.set_accuracy(correct, count, [k])
+                 for k in range(len(self.labels))}
+    member.results.update(test_accuracy=metrics.set_accuracy(correct, count),
+                          per_class=per_class, steps=int(state["step"]),
+                          train_examples=len(self.sets["train"]),
+                          test_examples=len(self.sets["test"]))
+    if "val" in self.sets:
+      member.results["val_accuracy"] = metrics.set_accuracy(*train.evaluate(
+          self.counts, params, None, self.sets["val"], bs, self.mesh))
+    member.save()
+    if member.export:
+      say(self.report(member.results))
+
+  @staticmethod
+  def report(results):
+    rows = [{"class": k, "test top-1 %": v} for k, v in results["per_class"].items()]
+    rows.append({"class": "all", "test top-1 %": results["test_accuracy"]})
+    return table(rows, ["class", "test top-1 %"])
+
+  def finish(self, member, state):
+    checkpoints.export_model(member.path("model"), self.released(state), self.model_cfg,
+                             self.labels.to_json())
+
+  def released(self, state):
+    return train.full_params(state)
+
+  def row(self, member):
+    return {k: member.results.get(k, float("nan")) for k in self.columns}
+
+  def score(self, row):
+    return row["val_accuracy"]
