@@ -77,7 +77,8 @@ class Diverged(UserError):
   """Training produced a non-finite loss or params; the run stops, its checkpoints kept."""
 
   def __init__(self, stage: str, step: int, total: int, metrics: dict | None, kept: int | None):
-    terms = ", ".join(f"{k} {v:.4g}" for k, v in (metrics or {}).items() if k != "lr")
+    terms = ", ".join(f"{k} {v:.4g}" for k, v in (metrics or {}).items()
+                      if k not in ("lr", "loss"))
     what = f"loss {metrics['loss']:.4g} ({terms})" if metrics else "params are not finite"
     keep = (f"the last checkpoint (step {kept}) is kept" if kept is not None
             else "no checkpoint was saved")

@@ -175,6 +175,7 @@ def test_baseline_losses_and_errors():
   with pytest.raises(UserError, match="gc_params"):
     dispose.measured_paths(trainable, "lora/.*")
   assert dispose.leakage(60.0, 90.0, 30.0) == pytest.approx(0.5)
+  assert dispose.leakage(40.0, 90.0, 30.0) == pytest.approx(1 / 6)  # not symmetric
   assert np.isnan(dispose.leakage(60.0, 30.0, 30.0))
 
 

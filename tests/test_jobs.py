@@ -1,15 +1,17 @@
-"""End-to-end jobs at runlocal size: pretrain, resume, workdir safety, CLI, swap."""
+"""End-to-end jobs at runlocal size: pretrain, resume, workdir safety, CLI, swap; faults
+(divergence, a corrupt newest checkpoint, a second writer, a finished run)."""
 import os
 import subprocess
 import sys
 
 import chex
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from kswap_jax import checkpoints, config_lib, heads, runner, workdir
+from kswap_jax import builders, checkpoints, config_lib, heads, runner, workdir
 from kswap_jax import npz as npz_lib
 from kswap_jax.data import pipeline
 from kswap_jax.errors import UserError
@@ -25,6 +27,13 @@ def _config(name, arg="runlocal"):
 def _pretrain_config():
   c = _config("pretrain_digits.py", "runlocal,classes=0-4")
   c.data.fraction = 0.15
+  return c
+
+
+def _fault_config():
+  """`_pretrain_config` saving every step, keeping five checkpoints."""
+  c = _pretrain_config()
+  c.checkpoint.update(every_steps=1, keep=5)
   return c
 
 
@@ -133,15 +142,16 @@ def test_swap_stage_losses_match_their_formulas():
   mk = lambda y: {"images": rng.integers(0, 255, (3, 8, 8, 1)).astype(np.uint8),  # noqa: E731
                   "labels": np.array(y, np.int32)}
   batches = {"retain": mk([0, 1, 0]), "forget": mk([2, 2, 2]), "learn": mk([3, 3, 3])}
-  hp = dict(learn=1.5, retain_in_learn=0.3, retain=1.0, forget=0.2, bound=3.0, sparse=0.01)
+  hp = dict(learn=1.5, retain_in_learn=0.3, retain=0.7, forget=0.2, bound=3.0, sparse=0.01)
   trainable = {"lora": lora, "params": {}}
   ce = {n: losses.cross_entropy(net.apply(params, lora, b["images"]), b["labels"])
         for n, b in batches.items()}
   s = losses.group_sparse(lora)
   expect = {
       "learn": 1.5 * ce["learn"] + 0.3 * ce["retain"] + 0.01 * s,
-      "forget": ce["retain"] + 0.2 * max(0.0, 3.0 - ce["forget"]) + 0.01 * s,
-      "swap": 1.5 * ce["learn"] + ce["retain"] + 0.2 * max(0.0, 3.0 - ce["forget"]) + 0.01 * s,
+      "forget": 0.7 * ce["retain"] + 0.2 * max(0.0, 3.0 - ce["forget"]) + 0.01 * s,
+      "swap": 1.5 * ce["learn"] + 0.7 * ce["retain"] + 0.2 * max(0.0, 3.0 - ce["forget"])
+              + 0.01 * s,
   }
   for kind, value in expect.items():
     used = {k: batches[k] for k in ("retain", "forget", "learn")
@@ -219,3 +229,108 @@ def test_atomic_file_keeps_old_file_on_error_and_uses_umask_permissions(tmp_path
       raise RuntimeError("interrupted")
   assert workdir.read_json(str(path)) == {"a": 1}
   assert os.listdir(tmp_path) == ["results.json"]  # no temp file left
+
+
+# --- faults ----------------------------------------------------------------------------
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  c = _fault_config()
+  c.train.lr = 1e10
+  c.log_every = 1
+  with pytest.raises(UserError, match=r"training diverged at step \d+ of \d+ in stage pretrain"):
+    runner.run("pretrain", c, str(tmp_path))
+  ckpts = checkpoints.Checkpoints(str(tmp_path / "checkpoints"), 1, 5)
+  assert ckpts.latest_step() is not None
+  for step in ckpts.manager.all_steps():  # every kept checkpoint holds finite params
+    leaves = jax.tree.leaves(ckpts.manager.restore(step)["trainable"])
+    assert leaves and all(np.all(np.isfinite(x)) for x in leaves)
+  ckpts.close()
+  assert not workdir.finished(str(tmp_path))
+  assert not os.path.exists(tmp_path / "model")
+
+
+def test_a_diverged_study_member_is_marked_and_the_others_finish(tmp_path):
+  c = config_lib.load(os.path.join(ROOT, "configs", "sweep_swap_digits.py"),
+                      "runlocal,order=simultaneous")
+  c.base.init.pretrain.data.fraction = 0.15
+  for s in ("retain", "forget", "learn"):
+    c.base.sets[s].fraction = 0.2
+  c.grid = {}
+  c.members = ({"train.lr": 1e-2}, {"train.lr": 1e10})
+  res = runner.sweep(c, str(tmp_path))
+  good, bad = res["members"]
+  assert bad.get("diverged") and bad["score"] == -np.inf
+  assert not good.get("diverged") and np.isfinite(good["score"])
+  assert res["best"] == 0
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(res["trainable"][0]))
+  best, meta = checkpoints.load_model(str(tmp_path / "best"))
+  assert meta["sweep_member"]["member"] == 0
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(best))
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_before_it(tmp_path,
+                                                                               monkeypatch,
+                                                                               capsys):
+  full = runner.run("pretrain", _fault_config(), str(tmp_path / "a"))
+  calls, real = {"n": 0}, pipeline.batch
+
+  def interrupted(*args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == 5:
+      raise _Interrupt
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(pipeline, "batch", interrupted)
+  with pytest.raises(_Interrupt):
+    runner.run("pretrain", _fault_config(), str(tmp_path / "b"))
+  monkeypatch.setattr(pipeline, "batch", real)
+  ckpt_dir = tmp_path / "b" / "checkpoints"
+  assert sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) == [1, 2, 3, 4]
+  files = [os.path.join(d, f) for d, _, fs in os.walk(ckpt_dir / "4") for f in fs]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:  # a crash mid-write: the largest data file cut in half
+    f.truncate(os.path.getsize(biggest) // 2)
+  capsys.readouterr()
+  resumed = runner.run("pretrain", _fault_config(), str(tmp_path / "b"))
+  out = capsys.readouterr().out
+  assert f"checkpoint {ckpt_dir}/4 does not restore" in out
+  assert "resuming from step 3: stage pretrain, step 3 of" in out
+  assert os.path.isdir(ckpt_dir / "corrupt_4")  # kept aside, not deleted
+  assert resumed["test_accuracy"] == full["test_accuracy"]
+  pa, _ = checkpoints.load_model(str(tmp_path / "a"))
+  pb, _ = checkpoints.load_model(str(tmp_path / "b"))
+  chex.assert_trees_all_close(pa, pb, atol=1e-6)
+  # a finished run is reported, not trained again
+  metrics = (tmp_path / "b" / "metrics.jsonl").read_text()
+  again = runner.run("pretrain", _fault_config(), str(tmp_path / "b"))
+  assert "has finished" in capsys.readouterr().out
+  assert again == resumed and (tmp_path / "b" / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_second_writer_is_refused_with_one_line(tmp_path):
+  c = _fault_config()
+  run_dir = str(tmp_path / "run")
+  with workdir.lock(workdir.open_dir(run_dir)):
+    proc = subprocess.run(
+        [sys.executable, "-m", "kswap_jax", "pretrain", "--config",
+         "configs/pretrain_digits.py:runlocal,classes=0-4", "--workdir", run_dir,
+         "--config.data.fraction=0.15"], capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT})
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if "error" in line]
+  assert errors == [f"kswap pretrain: error: workdir {run_dir} is in use by another kswap "
+                    "process; wait for it to end or give another --workdir"]
+  assert os.listdir(run_dir) == []
+  assert runner.run("pretrain", c, run_dir)["steps"] > 0  # the lock is free again
+
+
+@pytest.mark.parametrize("rank, alpha", [(8, 1.0), (4, 2.0)])
+def test_network_lora_scale_is_alpha_over_rank(rank, alpha):
+  c = _config("swap_digits.py")
+  c.lora.update(rank=rank, alpha=alpha)
+  model_cfg = ml_collections.ConfigDict(dict(variant="Nano/2", num_classes=3))
+  assert builders.network(c, model_cfg).lora_scale == pytest.approx(alpha / rank)
