@@ -99,12 +99,14 @@ def initial_model(config: ml_collections.ConfigDict, checkpoint: str,
     raise UserError("init.checkpoint is empty and there is no init.pretrain config; give an "
                     "exported model directory or a .npz file")
   if checkpoint.endswith(".npz"):
-    model_cfg = ml_collections.ConfigDict(config.model)
-    init = config.init
-    named = init if "dataset" in init else init.get("pretrain", {}).get("data")
+    # The head's classes and the model: init.dataset / init.classes and config.model, else
+    # what the config would pretrain (init.pretrain), whose model config.model overrides.
+    init, pre = config.init, config.init.get("pretrain", ml_collections.ConfigDict())
+    named = init if "dataset" in init else pre.get("data")
     if named is None:
       raise UserError("a .npz init.checkpoint needs init.dataset and init.classes, the classes "
                       "of its head")
+    model_cfg = ml_collections.ConfigDict({**pre.get("model", {}), **config.model})
     labels = label_space(config.data, named.dataset, named.classes, "init.classes")
     model_cfg.num_classes = len(labels)
     model = vit.make_model(model_cfg)

@@ -180,6 +180,23 @@ def test_swap_digits_runlocal(tmp_path, order):
   assert meta["model"]["num_classes"] == 10 and meta["classes"][-1][2] == "9"
 
 
+def test_swap_starts_from_a_npz_on_the_digits_config(tmp_path):
+  """A .npz init.checkpoint on a config that would pretrain: its head's classes and model are
+  the pretraining's."""
+  from kswap_jax.models import vit  # pylint: disable=g-import-not-at-top
+  c = _config("swap_digits.py")
+  for s in ("retain", "forget", "learn"):
+    c.sets[s].fraction = 0.2
+  model = vit.ViT(num_classes=7, **vit.get_variant(c.init.pretrain.model.variant))
+  c.init.checkpoint = str(tmp_path / "digits0-6.npz")
+  npz_lib.save_npz(c.init.checkpoint, vit.init_params(model, jax.random.key(0), (8, 8, 1)))
+  res = runner.run("swap", c, str(tmp_path / "run"))
+  assert [r["after"] for r in res["evals"]] == ["pretrained", "learn", "forget"]
+  assert not os.path.exists(tmp_path / "run" / "pretrain")
+  _, meta = checkpoints.load_model(str(tmp_path / "run"))
+  assert [e[2] for e in meta["classes"]] == [str(d) for d in range(10)]
+
+
 def _mock_source_fn(num_classes_per_ds):
   """as_data_source_fn for tfds.testing.mock_data: 3 images per class, controlled labels."""
   def fn(builder, split, *args, **kwargs):
