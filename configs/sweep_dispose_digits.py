@@ -4,11 +4,12 @@
 
 Arguments: method (gc | grad_ascent | random_label), seed (the base run's), runlocal.
 Train / validation / test: train[:90%] / train[90%:] / test; the pretrained source model never
-sees the validation images. All members share the transfer stage; they differ in the dispose
-stage's learning rate and loss weights (the dispose recipe's `sweepable`, kswap_jax.methods.dispose); other keys
-(e.g. seed, weights.target, finetune) make groups, each with its own transfer stage, run one
-after another. The best member maximises validation target accuracy - 100 x mean PL leakage
-(PL accuracy on the PL test split).
+sees the validation images. All members share the transfer stage;
+they differ in the dispose stage's learning rate and loss weights (the dispose recipe's
+`sweepable`, kswap_jax.methods.dispose); other keys (e.g. seed, weights.target, finetune)
+make groups, each with its own transfer stage, run one after another. The best member
+maximises validation target accuracy - 100 x mean PL leakage clipped at 0 (PL accuracy on the
+PL test split).
 """
 import os
 

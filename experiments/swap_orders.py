@@ -46,7 +46,8 @@ def main():
       runner.run("pretrain", first.init.pretrain, os.path.join(pre_dir, "pretrain"))
       pretrained = os.path.join(pre_dir, "pretrain")
       for order in ORDERS + ("learn", "forget"):
-        res = runner.run("swap", _config(order, seed, pretrained), os.path.join(tmp, f"{order}{seed}"))
+        res = runner.run("swap", _config(order, seed, pretrained),
+                         os.path.join(tmp, f"{order}{seed}"))
         final = res["evals"][-1]
         if order in ORDERS:
           rows.append({"order": order, "seed": seed, **{k: final[k] for k in

@@ -106,7 +106,8 @@ def initial_model(config: ml_collections.ConfigDict, checkpoint: str,
     if named is None:
       raise UserError("a .npz init.checkpoint needs init.dataset and init.classes, the classes "
                       "of its head")
-    model_cfg = ml_collections.ConfigDict({**pre.get("model", {}), **config.model})
+    model_cfg = ml_collections.ConfigDict({"gelu": npz.GELU, **pre.get("model", {}),
+                                           **config.model})
     labels = label_space(config.data, named.dataset, named.classes, "init.classes")
     model_cfg.num_classes = len(labels)
     model = vit.make_model(model_cfg)

@@ -29,6 +29,10 @@ from kswap_jax.errors import UserError
 
 VISION_TRANSFORMER = "vision_transformer"
 BIG_VISION = "big_vision"
+# Both layouts come from models trained with flax.linen.gelu, whose default is the tanh
+# approximation (vision_transformer vit_jax/models_vit.py MlpBlock, big_vision models/vit.py):
+# a model that loads them computes with it, unless its config sets model.gelu.
+GELU = "tanh"
 
 # vision_transformer name -> our name, applied in order to every key.
 _VIT_RENAMES = (

@@ -1,4 +1,7 @@
-"""Shared fixtures: a private TFDS data dir so tests never touch the user's."""
+"""Shared fixtures: a private TFDS data dir so tests never touch the user's, and one on-disk
+compilation cache for the session (and the processes it starts), so the many runs of the same
+tiny configs compile each program once."""
+import jax
 import pytest
 
 
@@ -6,6 +9,12 @@ import pytest
 def _tfds_data_dir(tmp_path_factory):
   mp = pytest.MonkeyPatch()
   mp.setenv("TFDS_DATA_DIR", str(tmp_path_factory.mktemp("tfds")))
+  cache = str(tmp_path_factory.mktemp("jax_cache"))
+  for name, value in (("jax_compilation_cache_dir", cache),
+                      ("jax_persistent_cache_min_compile_time_secs", 0),
+                      ("jax_persistent_cache_min_entry_size_bytes", 0)):
+    mp.setenv(name.upper(), str(value))  # processes the tests start
+    jax.config.update(name, value)
   yield
   mp.undo()
 

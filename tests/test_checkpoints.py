@@ -20,8 +20,8 @@ _TO_VIT = (("MultiHeadDotProductAttention_0/", "MultiHeadDotProductAttention_1/"
            ("LayerNorm_1/", "LayerNorm_2/"), ("MlpBlock_0/", "MlpBlock_3/"))
 
 
-def _model(num_classes=10, rep=None):
-  return vit.ViT(num_classes=num_classes, representation_size=rep,
+def _model(num_classes=10, rep=None, gelu="exact"):
+  return vit.ViT(num_classes=num_classes, representation_size=rep, gelu=gelu,
                  **vit.get_variant(f"Nano/{PATCH}"))
 
 
@@ -73,7 +73,7 @@ def _layer_norm(x, w, name):
   return (x - mu) / np.sqrt(var + 1e-6) * w[f"{name}/scale"] + w[f"{name}/bias"]
 
 
-def _reference_logits(w, images):
+def _reference_logits(w, images, gelu="exact"):
   """Plain-numpy (float64) ViT forward on a vision_transformer-layout dict: (B,H,W,C) -> (B,K)."""
   w = {k: v.astype(np.float64) for k, v in w.items()}
   b, h, wd, c = images.shape
@@ -97,7 +97,10 @@ def _reference_logits(w, images):
     x = x + np.einsum("bqhk,hkd->bqd", o, w[att + "out/kernel"]) + w[att + "out/bias"]
     y = _layer_norm(x, w, blk + "LayerNorm_2")
     y = y @ w[blk + "MlpBlock_3/Dense_0/kernel"] + w[blk + "MlpBlock_3/Dense_0/bias"]
-    y = 0.5 * y * (1 + special.erf(y / np.sqrt(2)))
+    if gelu == "exact":
+      y = 0.5 * y * (1 + special.erf(y / np.sqrt(2)))
+    else:  # the tanh approximation of flax.linen.gelu
+      y = 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y ** 3)))
     x = x + y @ w[blk + "MlpBlock_3/Dense_1/kernel"] + w[blk + "MlpBlock_3/Dense_1/bias"]
     depth += 1
   assert depth == 2
@@ -107,9 +110,9 @@ def _reference_logits(w, images):
   return x @ w["head/kernel"] + w["head/bias"]
 
 
-@pytest.mark.parametrize("rep", [None, 16])
-def test_vision_transformer_file_matches_reference_forward(tmp_path, rep):
-  model = _model(rep=rep)
+@pytest.mark.parametrize("rep, gelu", [(None, "exact"), (16, "exact"), (None, "tanh")])
+def test_vision_transformer_file_matches_reference_forward(tmp_path, rep, gelu):
+  model = _model(rep=rep, gelu=gelu)
   class_row = np.random.default_rng(0).normal(size=(1, 1, 32)).astype(np.float32)
   w = _vit_flat(_random_params(rep=rep), class_row)
   path = _write(tmp_path / "vit.npz", w)
@@ -118,7 +121,10 @@ def test_vision_transformer_file_matches_reference_forward(tmp_path, rep):
   params = npz.load_pretrained(path, _init(rep=rep))
   images = np.random.default_rng(1).normal(size=(3, *IMAGE)).astype(np.float32)
   got = model.apply({"params": params}, jnp.asarray(images))
-  np.testing.assert_allclose(np.asarray(got), _reference_logits(w, images), atol=1e-4, rtol=1e-4)
+  want = _reference_logits(w, images, gelu)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
+  other = _reference_logits(w, images, "tanh" if gelu == "exact" else "exact")
+  assert not np.allclose(other, want, atol=1e-4, rtol=1e-4)  # this tolerance tells them apart
 
 
 def test_big_vision_round_trip(tmp_path):
@@ -263,3 +269,21 @@ def test_invalid_dont_load_regex(tmp_path):
   path = _bv_file(tmp_path, lambda f: None)
   with pytest.raises(UserError, match="dont_load regex"):
     npz.load_pretrained(path, _init(), dont_load=("head/(",))
+
+
+def test_a_npz_init_computes_with_the_tanh_gelu(tmp_path):
+  """AugReg / big_vision files were trained with the tanh GELU: a model that starts from one
+  uses it, unless the config sets model.gelu."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from kswap_jax import builders  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "vit.npz")
+  npz.save_npz(path, _random_params(num_classes=10))
+  config = ml_collections.ConfigDict(dict(
+      seed=0, model=dict(variant=f"Nano/{PATCH}", dropout=0.0),
+      data=dict(dataset="sklearn_digits", train_split="train", data_dir="", image_size=8,
+                channels=3, image_key="image", label_key="label"),
+      init=dict(checkpoint=path, dataset="sklearn_digits", classes="0-9")))
+  _, model_cfg, _ = builders.initial_model(config, path)
+  assert model_cfg.gelu == "tanh" and vit.make_model(model_cfg).gelu == "tanh"
+  config.model.gelu = "exact"
+  assert builders.initial_model(config, path)[1].gelu == "exact"

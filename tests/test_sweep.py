@@ -60,7 +60,8 @@ def test_members_equal_single_runs(swept, tmp_path):
     chex.assert_trees_all_close(merged, alone, atol=1e-5)
   best, meta = checkpoints.load_model(str(d / "best"))
   assert meta["sweep_member"]["member"] == res["best"]
-  assert res["best"] == int(np.argmax([r["val_acc_r"] + r["val_acc_l"] - r["val_acc_f"] for r in res["members"]]))
+  assert res["best"] == int(np.argmax([r["val_acc_r"] + r["val_acc_l"] - r["val_acc_f"]
+                                       for r in res["members"]]))
   assert best["head"]["kernel"].shape[-1] == 10
 
 

@@ -3,8 +3,9 @@ then dispose of the source task; measure what is left with the piggyback-learnin
 
 Stages: `transfer` (target CE, new target head, full fine-tune or LoRA) and `dispose`
 (`target * CE_tgt + source term`), after which the released model keeps its target accuracy
-but should be a poor starting point for re-learning the source task. Source terms
-(config `method`):
+but should be a poor starting point for re-learning the source task. Ours, not the paper's:
+the DTL text gives the Gradient Collision idea, not its formula, so the GC below is our reading;
+the normalised leakage and the PL budgets are our own. Source terms (config `method`):
 
   gc            gc * GC: a source batch is split into K sub-batches, g_k = d CE_src(B_k) / d
                 theta (over the params chosen by a regex), GC = mean_{i != j} cos(g_i, g_j).
@@ -214,7 +215,7 @@ class Recipe(recipe.Recipe):
   """
   name = "dispose"
   sweepable = ("train.lr.dispose", *(f"weights.{k}" for k in HPARAMS if k != "target"))
-  score_text = "val target acc - 100 x mean PL leakage"
+  score_text = "val target acc - 100 x max(mean PL leakage, 0)"
   pareto = (("target_acc", "target accuracy"), ("leakage", "PL leakage"), None)
 
   def __init__(self, config, run_dir, init, mesh):
@@ -414,10 +415,12 @@ class Recipe(recipe.Recipe):
                   f"pl_unscrubbed_{variant}": acc.get("unscrubbed", float("nan")),
                   f"pl_random_{variant}": acc.get("random", float("nan")),
                   f"leakage_{variant}": acc.get("leakage", float("nan"))})
-    leaks = [row[f"leakage_{v}"] for v in results["pl"] if row[f"leakage_{v}"] == row[f"leakage_{v}"]]
+    leaks = [x for x in (row[f"leakage_{v}"] for v in results["pl"]) if x == x]
     row["leakage"] = float(np.mean(leaks)) if leaks else float("nan")
     return row
 
   def score(self, row):
+    """Validation target accuracy - 100 x mean leakage, the leakage clipped at 0 (ours): PL
+    below the random-init model's is no better than the random model."""
     leak = row["leakage"]
-    return row["val_target_acc"] - (100 * leak if leak == leak else 0.0)
+    return row["val_target_acc"] - (100 * max(leak, 0.0) if leak == leak else 0.0)

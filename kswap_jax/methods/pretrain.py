@@ -39,7 +39,9 @@ class Recipe(recipe.Recipe):
     if data.get("val_split"):
       self.sets["val"] = builders.example_set(data, spec, data.val_split, self.labels, "val",
                                               subset=False)
-    self.model_cfg = ml_collections.ConfigDict(config.model)
+    from_npz = config.init.get("checkpoint", "").endswith(".npz")
+    self.model_cfg = ml_collections.ConfigDict({**({"gelu": npz.GELU} if from_npz else {}),
+                                                **config.model})
     self.model_cfg.num_classes = len(self.labels)
     self.net = builders.network(config, self.model_cfg)
     self.sampler = pipeline.EpochSampler(len(self.sets["train"]), config.train.batch_size,

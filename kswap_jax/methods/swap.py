@@ -3,7 +3,8 @@
 Orders (config `order`), each a list of (stage kind, main set, paired sets):
   lbf          learn (R main, L paired), then forget (R' = R + L main, F paired)
   fbl          forget (R main, F paired), then learn (R main, L paired)
-  simultaneous one stage with all three losses (R main, L and F paired)
+  simultaneous one stage with all three losses (R main, L and F paired); ours: the authors'
+               combined training puts L into R's loader instead of a weighted term
   learn        the learn stage only; forget: the forget stage only (for layer studies)
 
 Writes workdir/results.json (top-1 on the R, F and L test sets, and validation sets when

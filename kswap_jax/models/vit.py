@@ -49,6 +49,7 @@ def get_variant(name: str) -> dict[str, Any]:
 
 
 ATTENTION = ("einsum", "cudnn")
+GELU = ("exact", "tanh")
 
 
 class Attention(nn.Module):
@@ -80,10 +81,16 @@ class Attention(nn.Module):
 
 
 class MlpBlock(nn.Module):
-  """Dense_0 (D -> mlp_dim), GELU, dropout, Dense_1 (mlp_dim -> D), dropout; x (B, T, D)."""
+  """Dense_0 (D -> mlp_dim), GELU, dropout, Dense_1 (mlp_dim -> D), dropout; x (B, T, D).
+
+  gelu: "exact" (erf: torchvision, timm, the GS-LoRA face ViT) or "tanh" (the approximation
+  `flax.linen.gelu` defaults to, which the vision_transformer / AugReg and big_vision models
+  were trained with).
+  """
   mlp_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  gelu: str = "exact"
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -92,7 +99,7 @@ class MlpBlock(nn.Module):
                               kernel_init=nn.initializers.xavier_uniform(),
                               bias_init=nn.initializers.normal(stddev=1e-6))
     y = dense(self.mlp_dim)(x.reshape(b * t, d))  # one (B*T, D) token matrix, as in Attention
-    y = fast_ops.gelu(y)
+    y = fast_ops.gelu(y) if self.gelu == "exact" else jax.nn.gelu(y, approximate=True)
     y = fast_ops.Dropout(self.dropout)(y, deterministic=not train)
     y = dense(d)(y)
     return fast_ops.Dropout(self.dropout)(y, deterministic=not train).reshape(b, t, d)
@@ -105,6 +112,7 @@ class EncoderBlock(nn.Module):
   dropout: float = 0.0
   attention: str = "einsum"
   dtype: Any = jnp.float32
+  gelu: str = "exact"
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -113,7 +121,7 @@ class EncoderBlock(nn.Module):
                   name="MultiHeadDotProductAttention_0")(y)
     x = x + fast_ops.Dropout(self.dropout)(y, deterministic=not train)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
-    return x + MlpBlock(self.mlp_dim, self.dropout, self.dtype)(y, train)
+    return x + MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.gelu)(y, train)
 
 
 class Encoder(nn.Module):
@@ -123,12 +131,13 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   attention: str = "einsum"
   dtype: Any = jnp.float32
+  gelu: str = "exact"
 
   @nn.compact
   def __call__(self, x, train: bool):
     for i in range(self.depth):
       x = EncoderBlock(self.mlp_dim, self.num_heads, self.dropout, self.attention, self.dtype,
-                       name=f"encoderblock_{i}")(x, train)
+                       self.gelu, name=f"encoderblock_{i}")(x, train)
     return nn.LayerNorm(epsilon=1e-6, name="encoder_norm", dtype=self.dtype)(x)
 
 
@@ -167,6 +176,7 @@ class ViT(nn.Module):
   representation_size: int | None = None
   attention: str = "einsum"
   dtype: Any = jnp.float32
+  gelu: str = "exact"
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_embedding: bool = False):
@@ -180,7 +190,7 @@ class ViT(nn.Module):
     x = jnp.concatenate([jnp.tile(cls.astype(self.dtype), (b, 1, 1)), x], axis=1)
     x = fast_ops.Dropout(self.dropout)(x, deterministic=not train)
     x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.attention,
-                self.dtype, name="Transformer")(x, train)
+                self.dtype, self.gelu, name="Transformer")(x, train)
     emb = x[:, 0]
     if self.representation_size:
       emb = nn.tanh(nn.Dense(self.representation_size, name="pre_logits", dtype=self.dtype)(emb))
@@ -200,12 +210,15 @@ def make_model(cfg) -> ViT:
   attention = cfg.get("attention", "einsum")
   if attention not in ATTENTION:
     raise UserError(f"model.attention={attention!r} is not allowed; use one of {ATTENTION}")
+  gelu = cfg.get("gelu", "exact")
+  if gelu not in GELU:
+    raise UserError(f"model.gelu={gelu!r} is not allowed; use one of {GELU}")
   if attention == "cudnn" and (jax.default_backend() != "gpu" or dtype == jnp.float32):
     raise UserError("model.attention='cudnn' needs an NVIDIA GPU and model.dtype='bfloat16'; "
                     "use 'einsum' elsewhere")
   return ViT(num_classes=cfg.num_classes, dropout=cfg.get("dropout", 0.0),
              representation_size=cfg.get("representation_size") or None, attention=attention,
-             dtype=dtype, **kw)
+             dtype=dtype, gelu=gelu, **kw)
 
 
 def init_params(model: ViT, rng: jax.Array, image_shape: tuple[int, int, int]):
