@@ -37,23 +37,27 @@ def _fault_config():
   return c
 
 
-def test_pretrain_end_to_end_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
-  full = runner.run("pretrain", _pretrain_config(), str(tmp_path / "a"))
-  assert 0 <= full["test_accuracy"] <= 100 and full["steps"] > 4
-  assert os.path.exists(tmp_path / "a" / "metrics.jsonl")
-  calls = {"n": 0}
-  real = pipeline.batch
+def _interrupted_run(monkeypatch, config, run_dir: str, at_batch: int) -> None:
+  """A pretrain run interrupted (KeyboardInterrupt) when it asks for batch `at_batch`."""
+  calls, real = {"n": 0}, pipeline.batch
 
   def interrupted(*args, **kwargs):
     calls["n"] += 1
-    if calls["n"] == 4:
+    if calls["n"] == at_batch:
       raise KeyboardInterrupt
     return real(*args, **kwargs)
 
   monkeypatch.setattr(pipeline, "batch", interrupted)
   with pytest.raises(KeyboardInterrupt):
-    runner.run("pretrain", _pretrain_config(), str(tmp_path / "b"))
+    runner.run("pretrain", config, run_dir)
   monkeypatch.setattr(pipeline, "batch", real)
+
+
+def test_pretrain_end_to_end_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
+  full = runner.run("pretrain", _pretrain_config(), str(tmp_path / "a"))
+  assert 0 <= full["test_accuracy"] <= 100 and full["steps"] > 4
+  assert os.path.exists(tmp_path / "a" / "metrics.jsonl")
+  _interrupted_run(monkeypatch, _pretrain_config(), str(tmp_path / "b"), at_batch=4)
   assert checkpoints.Checkpoints(str(tmp_path / "b" / "checkpoints"), 2, 2).latest_step() == 2
   resumed = runner.run("pretrain", _pretrain_config(), str(tmp_path / "b"))
   assert resumed["test_accuracy"] == full["test_accuracy"]
@@ -285,26 +289,11 @@ def test_a_diverged_study_member_is_marked_and_the_others_finish(tmp_path):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(best))
 
 
-class _Interrupt(Exception):
-  pass
-
-
 def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_before_it(tmp_path,
                                                                                monkeypatch,
                                                                                capsys):
   full = runner.run("pretrain", _fault_config(), str(tmp_path / "a"))
-  calls, real = {"n": 0}, pipeline.batch
-
-  def interrupted(*args, **kwargs):
-    calls["n"] += 1
-    if calls["n"] == 5:
-      raise _Interrupt
-    return real(*args, **kwargs)
-
-  monkeypatch.setattr(pipeline, "batch", interrupted)
-  with pytest.raises(_Interrupt):
-    runner.run("pretrain", _fault_config(), str(tmp_path / "b"))
-  monkeypatch.setattr(pipeline, "batch", real)
+  _interrupted_run(monkeypatch, _fault_config(), str(tmp_path / "b"), at_batch=5)
   ckpt_dir = tmp_path / "b" / "checkpoints"
   assert sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) == [1, 2, 3, 4]
   files = [os.path.join(d, f) for d, _, fs in os.walk(ckpt_dir / "4") for f in fs]
