@@ -2,6 +2,7 @@
 
 import functools
 import os
+import random
 from unittest import mock
 
 import chex
@@ -69,8 +70,14 @@ HP = {"beta": 0.3, "bound": 4.0, "alpha": 0.01, "proto_bound": 2.0, "w_f": 0.1, 
 # --- task protocol ----------------------------------------------------------------------
 
 def test_protocol_splits_follow_the_seeded_order():
-  order = list(np.random.default_rng(1337).permutation(100))
+  """The authors' order: Python's global random, seeded 1337, shuffles list(range(C))."""
+  state = random.getstate()
+  order = list(range(100))
+  random.seed(1337)
+  random.shuffle(order)
+  random.setstate(state)
   tasks = forget.protocol(100, 20, 4)
+  assert [list(t.forget) for t in tasks] == [order[80 - 20 * t:100 - 20 * t] for t in range(4)]
   assert [set(t.forget) for t in tasks] == [set(order[80 - 20 * t:100 - 20 * t])
                                             for t in range(4)]
   for t, task in enumerate(tasks):
@@ -301,8 +308,8 @@ def test_digits_job_end_to_end(digits_run):
   run_dir, results = digits_run
   rows = results["tasks"]
   assert [r["task"] for r in rows] == [0, 1]
-  assert rows[0]["forget_ids"] == [0, 1] and rows[1]["forget_ids"] == [4, 9]
-  assert rows[1]["old_ids"] == [0, 1]
+  assert rows[0]["forget_ids"] == [8, 9] and rows[1]["forget_ids"] == [4, 5]
+  assert rows[1]["old_ids"] == [8, 9]
   for r in rows:
     for key in ("acc_r", "acc_f", "acc_f_before", "acc_r_pre", "val_H"):
       assert 0.0 <= r[key] <= 100.0

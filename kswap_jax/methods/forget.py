@@ -38,6 +38,7 @@ and workdir/groups.png.
 from __future__ import annotations
 
 import dataclasses
+import random
 from typing import Any, Callable
 
 import jax
@@ -76,11 +77,16 @@ class Task:
 
 def protocol(num_classes: int, per_task: int, num_tasks: int,
              seed: int = PROTOCOL_SEED) -> list[Task]:
-  """Seeded class order; task t forgets order[C - N(t+1) : C - Nt], retains order[: C - N(t+1)]."""
+  """Seeded class order; task t forgets order[C - N(t+1) : C - Nt], retains order[: C - N(t+1)].
+
+  The order is the authors': Python's `random.seed(seed); random.shuffle(list(range(C)))`
+  (bjzhb666/GS-LoRA train/train_own_forget_cl.py, "create order list").
+  """
   if per_task < 1 or num_tasks < 1 or per_task * num_tasks >= num_classes:
     raise UserError(f"tasks: {num_tasks} tasks of {per_task} classes do not fit {num_classes} "
                     f"classes; need per_task * num_tasks < {num_classes} so some class is kept")
-  order = [int(c) for c in np.random.default_rng(seed).permutation(num_classes)]
+  order = list(range(num_classes))
+  random.Random(seed).shuffle(order)
   out = []
   for t in range(num_tasks):
     lo, hi = num_classes - per_task * (t + 1), num_classes - per_task * t
