@@ -88,7 +88,8 @@ class Diverged(UserError):
 
 
 @jax.jit
-def _all_finite(tree) -> jax.Array:
+def all_finite(tree) -> jax.Array:
+  """bool (): every entry of every leaf is finite."""
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
@@ -97,7 +98,7 @@ def _save(ckpts: Checkpoints, step: int, state: State, force: bool, stop_nonfini
   """A due checkpoint save; with stop_nonfinite, refuses to save non-finite params."""
   if not ckpts.due(step, force):
     return
-  if stop_nonfinite and not bool(_all_finite(state["trainable"])):
+  if stop_nonfinite and not bool(all_finite(state["trainable"])):
     raise Diverged(st.name, stage_step, st.num_steps, None, ckpts.latest_step())
   ckpts.maybe_save(step, state, force)
 

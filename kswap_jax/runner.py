@@ -113,9 +113,6 @@ def _train_one(rec: recipe.Recipe, member: recipe.Member, stages: list[recipe.St
   return loop.run(state, [loop_stage(st) for st in stages], ckpts, run_dir, settings.log_every)
 
 
-def _finite(tree) -> bool:
-  return all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(jax.device_get(tree)))
-
 
 def sweep(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   """Trains every member of a study; returns {"members": rows, "best": index, "score": how it
@@ -154,10 +151,12 @@ def sweep(config: ml_collections.ConfigDict, run_dir: str) -> dict:
       for c in configs.values():
         rec.check(c)
       for i, member, state in _train_members(rec, configs, gdir, config):
-        released = jax.device_get(rec.released(state))
+        released = rec.released(state)
+        finite = bool(loop.all_finite((released, state["trainable"])))
+        released = jax.device_get(released)
         row = {"member": i, **assignments[i], **rec.row(member)}
         score = rec.score(row)
-        if not (_finite(released) and _finite(state["trainable"])):
+        if not finite:
           row["diverged"], score = True, -np.inf
         rows[i] = {**row, "score": score if score == score else -np.inf}
         trainable[i] = jax.device_get(state["trainable"])
