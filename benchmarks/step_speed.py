@@ -13,7 +13,10 @@ achieved GFLOP/s / the matmul peak in the step's dtype (a jitted N x N matmul, b
 just before and just after the step is timed, so a slow or fast spell of a shared machine
 shows in both), plus the compiled step's temp and argument bytes (and the device's peak bytes
 where it reports them) and the host's minor page faults per step. Random weights and images:
-the cost does not depend on their values.
+the cost does not depend on their values. --dtypes sets `model.dtype`: bfloat16 computes
+activations and matmuls in bfloat16 around float32 parameters (on CPU it may be slower than
+float32); `time_vs_float32` is a row's median step time over the float32 row of the same
+workload and run.
 
 Host memory is set up as `kswap` sets it (`host_memory.retain_freed_memory`); `--host_memory
 default` keeps glibc's defaults, under which every step faults its temp buffer in again.
@@ -92,7 +95,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workloads", default="face,vit_b16,digits")
   p.add_argument("--rng_impls", default="threefry2x32,rbg")
-  p.add_argument("--dtypes", default="float32")
+  p.add_argument("--dtypes", default="float32,bfloat16")
   p.add_argument("--matmul_n", type=int, default=2048)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--repeats", type=int, default=7)
@@ -117,6 +120,10 @@ def main():
                  peak_gflops=max(before, peak(dtype)), step_ms_best=min(r["step_ms_all"]))
         r["mfu_%"] = 100 * r["gflops"] / r["peak_gflops"]
         r["mfu_best_%"] = 100 * r["flops"] / r["step_ms_best"] / 1e6 / r["peak_gflops"]
+        ref = [x for x in rows if (x["workload"], x["rng_impl"], x["dtype"]) == (
+            name, impl, "float32")]
+        if ref:  # this run's float32 row of the same workload
+          r["time_vs_float32"] = r["step_ms"] / ref[0]["step_ms"]
         rows.append(r)
         print(table([_show(r)], COLUMNS), flush=True)
   out = args.out or os.path.join(RESULTS, f"step_speed_{jax.default_backend()}.json")
@@ -130,8 +137,8 @@ def main():
 
 
 COLUMNS = ["workload", "variant", "dtype", "rng_impl", "compile_s", "step_ms", "step_ms_best",
-           "GFLOP", "gflops", "peak_gflops", "mfu_%", "mfu_best_%", "temp MiB", "peak MiB",
-           "faults/step"]
+           "time_vs_float32", "GFLOP", "gflops", "peak_gflops", "mfu_%", "mfu_best_%",
+           "temp MiB", "peak MiB", "faults/step"]
 
 
 def _show(r: dict) -> dict:

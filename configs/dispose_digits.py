@@ -17,8 +17,13 @@ import ml_collections
 from kswap_jax import config_lib
 
 
+JOB = "dispose"  # the kswap job this config is for
+# Its arguments (`--config FILE:key=value,flag`) and their defaults.
+ARGS = {"runlocal": False, "method": "gc", "finetune": "full", "seed": 0}
+
+
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, runlocal=False, method="gc", finetune="full", seed=0)
+  a = config_lib.parse_arg(arg, **ARGS)
   c = ml_collections.ConfigDict()
   c.seed = a.seed
   c.method = a.method
@@ -40,7 +45,8 @@ def get_config(arg=None):
       num_splits=4,             # K source sub-batches per step
       source_batch_size=64,     # split into K sub-batches of 64 / K
       similarity="cosine",      # cosine | dot
-      gc_params=".*"))          # regex over trainable paths "params/..." / "lora/..."
+      gc_params=".*",           # regex over trainable paths "params/..." / "lora/..."
+      gc_vjp="hvp"))            # hvp (Hessian-vector products, less memory) | autodiff
   # gc = 0.3 with dispose lr 3e-3, K = 4 of 16 images: picked from a small sweep on seeds 0-1
   # (gc 0.2-10, lr 1e-3-5e-3, K 4/8, source batch 64/128, GC on all / lower blocks only); a
   # larger gc or lr disposes more of the source and costs more target accuracy.

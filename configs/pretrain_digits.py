@@ -8,8 +8,13 @@ import ml_collections
 from kswap_jax import config_lib
 
 
+JOB = "pretrain"  # the kswap job this config is for
+# Its arguments (`--config FILE:key=value,flag`) and their defaults.
+ARGS = {"runlocal": False, "classes": "0-9", "seed": 0}
+
+
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, runlocal=False, classes="0-9", seed=0)
+  a = config_lib.parse_arg(arg, **ARGS)
   c = ml_collections.ConfigDict()
   c.seed = a.seed
   c.data = config_lib.digits_data()

@@ -10,8 +10,13 @@ import ml_collections
 from kswap_jax import config_lib
 
 
+JOB = "swap"  # the kswap job this config is for
+# Its arguments (`--config FILE:key=value,flag`) and their defaults.
+ARGS = {"runlocal": False, "order": "lbf", "seed": 0}
+
+
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, runlocal=False, order="lbf", seed=0)
+  a = config_lib.parse_arg(arg, **ARGS)
   c = ml_collections.ConfigDict()
   c.seed = a.seed
   c.order = a.order

@@ -18,8 +18,13 @@ from kswap_jax import config_lib
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+JOB = "sweep"  # the kswap job this config is for
+# Its arguments (`--config FILE:key=value,flag`) and their defaults.
+ARGS = {"runlocal": False, "method": "gc", "seed": 0}
+
+
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, runlocal=False, method="gc", seed=0)
+  a = config_lib.parse_arg(arg, **ARGS)
   base = config_lib.load(os.path.join(HERE, "dispose_digits.py"),
                          f"method={a.method},seed={a.seed}" + (",runlocal" if a.runlocal else ""))
   # Product of the value tuples: 2 x 4 = 8 members, over the weight of the method's term.

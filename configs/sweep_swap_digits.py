@@ -17,8 +17,13 @@ from kswap_jax import config_lib
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+JOB = "sweep"  # the kswap job this config is for
+# Its arguments (`--config FILE:key=value,flag`) and their defaults.
+ARGS = {"runlocal": False, "order": "lbf", "seed": 0}
+
+
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, runlocal=False, order="lbf", seed=0)
+  a = config_lib.parse_arg(arg, **ARGS)
   base = config_lib.load(os.path.join(HERE, "swap_digits.py"),
                          f"order={a.order},seed={a.seed}" + (",runlocal" if a.runlocal else ""))
   # Product of the value tuples: 2 x 4 x 2 = 16 members (`--config.grid.train.lr='(0.01,)'`);

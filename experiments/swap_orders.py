@@ -1,5 +1,7 @@
 """LBF vs FBL vs simultaneous on the digits, over seeds; plus the learn-only / forget-only
-per-block LoRA norm study.
+per-block LoRA norm study, in two settings: the paper's (LoRA on the MLP layers only, head
+frozen: the authors' mark_only_lora_as_trainable) and the digits config's (ours: LoRA on MLP and
+attention, head trained).
 
   python experiments/swap_orders.py [--seeds 0 1 2] [--out experiments/results]
 
@@ -24,11 +26,17 @@ ORDERS = ("lbf", "fbl", "simultaneous")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _config(order, seed, pretrained):
+SETTINGS = ("paper", "digits")  # layer-study settings (module docstring)
+
+
+def _config(order, seed, pretrained, setting="digits"):
   c = config_lib.load(os.path.join(HERE, "..", "configs", "swap_digits.py"),
                       f"order={order},seed={seed}")
   c.init.checkpoint = pretrained
   c.log_every = 10_000
+  if setting == "paper":
+    c.head = "frozen"
+    c.lora.targets = config_lib.lora().targets
   return c
 
 
@@ -45,16 +53,21 @@ def main():
       pre_dir = os.path.join(tmp, f"seed{seed}")
       runner.run("pretrain", first.init.pretrain, os.path.join(pre_dir, "pretrain"))
       pretrained = os.path.join(pre_dir, "pretrain")
-      for order in ORDERS + ("learn", "forget"):
+      for order in ORDERS:
         res = runner.run("swap", _config(order, seed, pretrained),
                          os.path.join(tmp, f"{order}{seed}"))
         final = res["evals"][-1]
-        if order in ORDERS:
-          rows.append({"order": order, "seed": seed, **{k: final[k] for k in
-                                                        ("acc_r", "acc_f", "acc_l")},
-                       "pretrained_acc_r": res["evals"][0]["acc_r"]})
-        else:
-          blocks.setdefault(order, []).append(res["blocks"][order])
+        rows.append({"order": order, "seed": seed, **{k: final[k] for k in
+                                                      ("acc_r", "acc_f", "acc_l")},
+                     "pretrained_acc_r": res["evals"][0]["acc_r"]})
+      for setting in SETTINGS:
+        for order in ("learn", "forget"):
+          res = runner.run("swap", _config(order, seed, pretrained, setting),
+                           os.path.join(tmp, f"{setting}_{order}{seed}"))
+          final = res["evals"][-1]
+          blocks.setdefault(f"{order} ({setting})", []).append(
+              {"blocks": res["blocks"][order],
+               **{k: final.get(k) for k in ("acc_r", "acc_f", "acc_l")}})
   summary = {}
   for order in ORDERS:
     sel = [r for r in rows if r["order"] == order]
@@ -69,6 +82,17 @@ def main():
   pre = np.mean([r["pretrained_acc_r"] for r in rows])
   lines.append(f"\nPretrained model: Acc_R {pre:.2f}. Seeds: {args.seeds}. "
                "Command: `python experiments/swap_orders.py`.")
+  lines += ["", "Learn-only / forget-only runs: |scale * A B| per block (mean over seeds) and "
+            "the run's final test accuracies.", "",
+            "| run | " + " | ".join(f"block {b}" for b in range(len(
+                next(iter(blocks.values()))[0]["blocks"]))) + " | Acc_R | Acc_F | Acc_L |",
+            "|---" * (4 + len(next(iter(blocks.values()))[0]["blocks"])) + "|"]
+  for name, runs in blocks.items():
+    delta = np.mean([[b["delta_norm"] for b in r["blocks"]] for r in runs], 0)
+    accs = [np.mean([r[k] for r in runs]) if runs[0][k] is not None else float("nan")
+            for k in ("acc_r", "acc_f", "acc_l")]
+    lines.append(f"| {name} | " + " | ".join(f"{d:.2f}" for d in delta) + " | "
+                 + " | ".join("n/a" if np.isnan(a) else f"{a:.2f}" for a in accs) + " |")
   with open(os.path.join(args.out, "swap_orders.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
@@ -83,12 +107,13 @@ def main():
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(os.path.join(args.out, "swap_orders.png"), dpi=120)
-  fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-  for order, runs in blocks.items():
-    b = [r["block"] for r in runs[0]]
+  fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+  for name, runs in blocks.items():
+    b = [r["block"] for r in runs[0]["blocks"]]
     for ax, key in zip(axes, ("lora_norm", "delta_norm")):
-      vals = np.array([[r[key] for r in run] for run in runs])
-      ax.errorbar(b, vals.mean(0), vals.std(0), marker="o", label=f"{order}-only")
+      vals = np.array([[r[key] for r in run["blocks"]] for run in runs])
+      ax.errorbar(b, vals.mean(0), vals.std(0), marker="o",
+                  linestyle="-" if "paper" in name else "--", label=name)
   axes[0].set_title("sum of |A|, |B| per block")
   axes[1].set_title("|scale * A B| per block")
   for ax in axes:

@@ -3,18 +3,18 @@
   workdir/checkpoints/<step> train-state checkpoints (last K kept), to resume a run
   workdir/model/             exported model: params (orbax) + model.json (config, classes)
 
-orbax saves and restores collectively; only process 0 writes model.json and moves folders.
+Folders are local paths or bucket URLs (`kswap_jax.paths`; orbax takes `epath.Path`s). orbax
+saves and restores collectively; only process 0 writes model.json and moves folders.
 """
 from __future__ import annotations
 
 import os
-import shutil
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from kswap_jax import workdir
+from kswap_jax import paths, workdir
 from kswap_jax.errors import UserError
 
 
@@ -24,7 +24,7 @@ class Checkpoints:
   def __init__(self, directory: str, every_steps: int, keep: int):
     self.every = every_steps
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
+        paths.of(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
   def latest_step(self) -> int | None:
@@ -55,13 +55,13 @@ class Checkpoints:
     return None
 
   def _set_aside(self, step: int, why: str, resume: int) -> None:
-    directory = os.fspath(self.manager.directory)
-    aside = os.path.join(directory, f"corrupt_{step}")
+    directory = paths.of(self.manager.directory)
+    aside = directory / f"corrupt_{step}"
     n = 1
-    while os.path.exists(aside):
-      aside, n = os.path.join(directory, f"corrupt_{step}.{n}"), n + 1
+    while aside.exists():
+      aside, n = directory / f"corrupt_{step}.{n}", n + 1
     if workdir.is_main():
-      os.replace(os.path.join(directory, str(step)), aside)
+      (directory / str(step)).rename(aside)
       print(f"checkpoint {directory}/{step} does not restore ({why}); kept as {aside}, "
             f"resuming from step {resume}", flush=True)
     self.manager.reload()
@@ -83,32 +83,32 @@ class Checkpoints:
 def export_model(directory: str, params, model_config: ml_collections.ConfigDict,
                  label_space: list, extra: dict | None = None) -> None:
   """Writes params (orbax) and model.json; a failed export leaves an older one intact."""
-  directory = os.path.abspath(directory)
-  tmp = directory + ".tmp"
+  directory = paths.of(directory)
+  tmp = directory.parent / f"{directory.name}.tmp"
   ckptr = ocp.StandardCheckpointer()
-  if os.path.exists(tmp) and workdir.is_main():
-    shutil.rmtree(tmp)
-  ckptr.save(os.path.join(tmp, "params"), params)
+  if tmp.exists() and workdir.is_main():
+    tmp.rmtree()
+  ckptr.save(tmp / "params", params)
   ckptr.wait_until_finished()
-  workdir.write_json(os.path.join(tmp, "model.json"),
+  workdir.write_json(os.fspath(tmp / "model.json"),
                      {"model": model_config.to_dict(), "classes": label_space, **(extra or {})})
   if workdir.is_main():
-    if os.path.exists(directory):
-      old = directory + ".old"
-      os.replace(directory, old)
-      os.replace(tmp, directory)
-      shutil.rmtree(old)
+    if directory.exists():
+      old = directory.parent / f"{directory.name}.old"
+      directory.rename(old)
+      tmp.rename(directory)
+      old.rmtree()
     else:
-      os.replace(tmp, directory)
+      tmp.rename(directory)
 
 
 def load_model(directory: str) -> tuple[dict, dict]:
   """(params, model.json dict) of an exported model; a run's workdir also works."""
-  for d in (directory, os.path.join(directory, "model")):
-    if os.path.exists(os.path.join(d, "model.json")):
+  for d in (paths.of(directory), paths.of(directory) / "model"):
+    if (d / "model.json").exists():
       try:
-        meta = workdir.read_json(os.path.join(d, "model.json"))
-        params = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(d, "params")))
+        meta = workdir.read_json(os.fspath(d / "model.json"))
+        params = ocp.StandardCheckpointer().restore(d / "params")
         if not isinstance(meta, dict) or not {"model", "classes"} <= set(meta) or not params:
           raise ValueError("model.json needs 'model' and 'classes', and params/ a params tree")
       except Exception as e:  # pylint: disable=broad-except
@@ -117,4 +117,5 @@ def load_model(directory: str) -> tuple[dict, dict]:
                         "model") from None
       return params, meta
   raise UserError(f"no exported model at {directory!r} (expected model.json there or in "
-                  f"its model/ folder); run a pretrain job first or give a .npz file")
+                  "its model/ folder); run a pretrain job first or give a .npz, .pth or "
+                  ".safetensors file")

@@ -32,23 +32,35 @@ IMAGENET100 = (
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """"runlocal,seed=3" -> ConfigDict(runlocal=True, seed=3) over typed defaults."""
+  """"runlocal,seed=3,classes=0-4,7" -> ConfigDict(runlocal=True, seed=3, classes="0-4,7").
+
+  Items are separated by ','; `key=value` sets an argument (converted to the type of its
+  default), a bare `key` sets a bool argument to True. An item without '=' that names no
+  argument continues the value before it, so list values need no quoting: in
+  `classes=0-4,7,runlocal`, `7` belongs to `classes` and `runlocal` is a flag.
+  """
   out = ml_collections.ConfigDict(defaults)
+  items: list[list[str]] = []  # [key, value] or [key] (a flag)
   for item in filter(None, (arg or "").split(",")):
     key, eq, value = item.partition("=")
-    if key not in defaults:
+    if not eq and key not in defaults and items and len(items[-1]) == 2:
+      items[-1][1] += "," + item
+    elif key not in defaults:
       raise UserError(f"unknown config argument {key!r}; allowed: {sorted(defaults)}")
+    else:
+      items.append([key, value] if eq else [key])
+  for key, *value in items:
     kind = type(defaults[key])
-    if not eq:
+    if not value:
       out[key] = True
     elif kind is bool:
-      out[key] = value.lower() in ("1", "true", "yes")
+      out[key] = value[0].lower() in ("1", "true", "yes")
     else:
       try:
-        out[key] = kind(value)
+        out[key] = kind(value[0])
       except ValueError:
-        raise UserError(f"config argument {key}={value!r} must be of type {kind.__name__}, like "
-                        f"its default {defaults[key]!r}") from None
+        raise UserError(f"config argument {key}={value[0]!r} must be of type {kind.__name__}, "
+                        f"like its default {defaults[key]!r}") from None
   return out
 
 
@@ -67,7 +79,8 @@ _RULES = {
                      "order_seed"), _INT_NONNEGATIVE),
     **dict.fromkeys(("lr", "alpha", "scale"), _POSITIVE),
     **dict.fromkeys(("lr_end", "weight_decay", "weights"), _NONNEGATIVE),
-    "dropout": (False, "in [0, 1)", lambda x: 0 <= x < 1),
+    "ema_epoch": _INT_NONNEGATIVE,
+    **dict.fromkeys(("dropout", "ema_decay"), (False, "in [0, 1)", lambda x: 0 <= x < 1)),
     "fraction": (False, "in (0, 1]", lambda x: 0 < x <= 1),
 }
 _UNCHECKED = ("grid", "members")  # a sweep's value lists; each member config is checked alone
@@ -106,20 +119,33 @@ def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   return module.get_config(arg)
 
 
+# How images are read (`builders.read_options`), the defaults of every data section: all
+# images kept in memory, resized straight to image_size, training images not augmented.
+READ_DEFAULTS = dict(cache_images=True, cache_budget_gb=4.0, resize=0, train_crop="none",
+                     crop_min_area=0.08, flip=False, workers=0)
+
+
 def digits_data(image_size: int = 8) -> ml_collections.ConfigDict:
   """The embedded handwritten digits (sklearn_digits), 8x8 grey images."""
   return ml_collections.ConfigDict(dict(
       dataset="sklearn_digits", train_split="train", test_split="test", data_dir="",
       image_size=image_size, channels=1, mean=0.5, std=0.5, eval_batch_size=512,
-      image_key="image", label_key="label", cache_images=True))
+      image_key="image", label_key="label", **READ_DEFAULTS))
 
 
-def imagenet_data(image_size: int = 224) -> ml_collections.ConfigDict:
-  """RGB images resized to `image_size`, normalised with mean = std = 0.5."""
+# torchvision's ImageNet channel statistics (its ViT weights expect them): (mean, std).
+TORCHVISION_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def imagenet_data(image_size: int = 224, stats=(0.5, 0.5)) -> ml_collections.ConfigDict:
+  """RGB images resized to `image_size`, normalised with `stats` = (mean, std): numbers, or
+  one value per channel (default mean = std = 0.5, the vision_transformer / big_vision models'
+  [-1, 1] inputs). A set's images are kept in memory only if they fit in cache_budget_gb."""
+  mean, std = stats
   return ml_collections.ConfigDict(dict(
       dataset="imagenet2012", train_split="train", test_split="validation", data_dir="",
-      image_size=image_size, channels=3, mean=0.5, std=0.5, eval_batch_size=256,
-      image_key="image", label_key="label", cache_images=True))
+      image_size=image_size, channels=3, mean=mean, std=std, eval_batch_size=256,
+      image_key="image", label_key="label", **{**READ_DEFAULTS, "cache_images": "auto"}))
 
 
 def lora(rank: int = 8, alpha: float = 1.0, a_init: str = "small") -> ml_collections.ConfigDict:
@@ -129,32 +155,82 @@ def lora(rank: int = 8, alpha: float = 1.0, a_init: str = "small") -> ml_collect
       targets=r"Transformer/encoderblock_\d+/MlpBlock_0/Dense_[01]"))
 
 
-def gs_lora_paper(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict, beta: list[float],
+# The GS-LoRA authors' scripts (bjzhb666/GS-LoRA), per setting, for GS-LoRA / GS-LoRA++:
+#   faces:          scripts/run_cl_forget.sh, "GS-LoRA" (commented-out block above "GS-LoRA few shot")
+#   faces, 4-shot:  scripts/run_cl_forget.sh, "GS-LoRA few shot" (the script's active command)
+#   imagenet:       scripts/run_cl_forget_image.sh, "GS-LoRA"
+# Values the scripts leave out are util/args.py defaults (named per value).
+GS_LORA_SETTINGS = {
+    "faces": dict(
+        data_ratio=0.1,                  # --data_ratio default 0.1 (util/args.py)
+        batch_size=48,                   # -b 48
+        beta=[0.2, 0.25, 0.25, 0.2],     # --cl_beta_list 0.2 0.25 0.25 0.2
+        w_f=[0.01, 0.01, 0.01, 0.01],    # --cl_prof_list 0.01 0.01 0.01 0.01
+        proto_bound=18.0),               # --BND_pro default 18 (util/args.py)
+    "faces_few_shot": dict(
+        data_ratio=1.0,                  # unused: --few_shot keeps --few_shot_num per class
+        batch_size=4,                    # -b 4
+        beta=[0.3, 0.4, 0.28, 0.2],      # --cl_beta_list 0.3 0.4 0.28 0.2
+        w_f=[0.015, 0.06, 0.025, 0.012],  # --cl_prof_list 0.015 0.06 0.025 0.012
+        proto_bound=50.0),               # --BND_pro 50
+    "imagenet": dict(
+        data_ratio=0.05,                 # DATA_RATIO=0.05
+        batch_size=48,                   # -b 48
+        beta=[0.2, 0.25, 0.25, 0.25],    # --cl_beta_list 0.2 0.25 0.25 0.25
+        w_f=0.05,                        # --pro_f_weight 0.05 (no --cl_prof_list)
+        proto_bound=18.0),               # --BND_pro default 18 (util/args.py)
+}
+
+
+def gs_lora_paper(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict, setting: str,
                   head: str = "linear", margin_at_eval: bool = False,
                   runlocal_variant: str = "Nano/16") -> None:
-  """The GS-LoRA papers' continual-forgetting settings (LoRA, head, weights, 100 epochs per
-  task, validation every 5), shrunk for runlocal. `a` holds method, group, num_tasks, runlocal.
+  """The GS-LoRA papers' continual-forgetting settings (`GS_LORA_SETTINGS[setting]`, a
+  `-few_shot` variant when a.shots > 0): training subsets, LoRA, head, weights, schedule;
+  shrunk for runlocal. `a` holds method, group, num_tasks, shots, ema, carry, runlocal.
   """
   from kswap_jax.methods import forget  # pylint: disable=g-import-not-at-top
-  c.lora = lora(rank=8, alpha=1.0, a_init="small")
+  few_shot = f"{setting}_few_shot"
+  v = GS_LORA_SETTINGS[few_shot if a.shots and few_shot in GS_LORA_SETTINGS else setting]
+  # Both training sets are cut the same way (train_own_forget_cl.py, the few_shot / data_ratio
+  # branch): int(data_ratio * n) images drawn from all n of the set, or k images per class.
+  subset = lambda: ml_collections.ConfigDict(dict(  # noqa: E731
+      fraction=v["data_ratio"], fraction_of="set", per_class=a.shots))
+  c.sets = ml_collections.ConfigDict(dict(retain=subset(), forget=subset()))
+  c.lora = lora(rank=8, alpha=1.0, a_init="small")  # --lora_rank 8
   c.lora.a_init_first = "kaiming"
   c.head = ml_collections.ConfigDict(dict(kind=head, scale=64.0, margin=0.35,
                                           margin_at_eval=margin_at_eval))
   c.group = a.group
   c.weights = ml_collections.ConfigDict(dict(
-      beta=beta, bound=105.0, alpha=1e-4, proto_bound=18.0, w_f=0.05, w_r=0.05))
+      beta=v["beta"],
+      bound=105.0,                      # --BND 105
+      alpha=1e-4,                       # --alpha 0.0001
+      proto_bound=v["proto_bound"],
+      w_f=v["w_f"],
+      w_r=0.0))                         # --pro_r_weight default 0.0 (util/args.py)
   c.train = ml_collections.ConfigDict(dict(
-      batch_size=48, epochs=100, warmup_epochs=20, lr=forget.get_method(a.method).lr,
-      lr_end=1e-5, weight_decay=0.05))
-  c.select_best = True
-  c.eval_every_epochs = 5
+      batch_size=v["batch_size"],
+      epochs=100,                       # -e 100
+      warmup_epochs=0,                  # no --warmup_alpha: alpha applies from the start
+      lr=forget.get_method(a.method).lr,  # --lr 1e-2 (LoRA); 1e-4 for the baselines' scripts
+      lr_end=1e-5,                      # --min-lr 1e-5, cosine (util/args.py --sched default)
+      weight_decay=0.05,                # --weight-decay default 0.05, AdamW (util/args.py)
+      ema_decay=0.9 if a.ema else 0.0,  # --average_weight --ema_decay 0.9
+      ema_epoch=30))                    # --ema_epoch 30
+  c.carry = a.carry
+  c.select_best = True                  # ours: selection on validation H (module docstring)
+  c.eval_every_epochs = 5               # ours (the authors evaluate every VER_FREQ batches)
   if a.runlocal:
     c.data.update(image_size=32, eval_batch_size=16)
     c.model.variant = runlocal_variant
-    c.sets.retain.per_class = 1
+    c.sets.retain.per_class = c.sets.forget.per_class = 1
     c.tasks.num_tasks = min(a.num_tasks, 2)
-    c.train.update(batch_size=4, epochs=1, warmup_epochs=0)
+    c.train.update(batch_size=4, epochs=1, ema_epoch=0)
     c.eval_every_epochs = 1
+
+
+GS_LORA_ARGS = dict(shots=0, ema=False, carry="chosen")  # every paper forget config's arguments
 
 
 def sweep(method: str, base: ml_collections.ConfigDict, grid: dict,
@@ -182,6 +258,8 @@ def common(config: ml_collections.ConfigDict, runlocal: bool,
   config.checkpoint = ml_collections.ConfigDict(dict(every_steps=200 if not runlocal else 2,
                                                      keep=2))
   config.log_every = 50 if not runlocal else 1
+  config.log = ml_collections.ConfigDict(dict(wandb_project=""))  # "": no W&B run
+  config.eval_mia = False     # membership inference on the forget set around each stage
   config.rng_impl = "threefry2x32"
   # "retained": glibc reuses freed host memory (faster XLA:CPU steps with large buffers).
   config.host_memory = host_memory

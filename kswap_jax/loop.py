@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from kswap_jax.checkpoints import Checkpoints
 from kswap_jax.errors import UserError
+from kswap_jax.metrics_log import MetricsLog
 from kswap_jax.progress import Progress, say
 
 State = dict[str, Any]
@@ -33,18 +34,22 @@ class Stage:
 
 
 def run(state: State, stages: list[Stage], ckpts: Checkpoints, workdir: str,
-        log_every: int, stop_nonfinite: bool = True) -> State:
+        log_every: int, stop_nonfinite: bool = True, log: MetricsLog | None = None) -> State:
   """Runs the stages from the latest checkpoint (or from the start) and returns the state.
 
   stop_nonfinite: stop with a `Diverged` error when a logged loss is not finite, and never
   save a checkpoint whose trainable params are not (so the last checkpoint stays good); a
   study, whose members may diverge alone, passes False.
+  log: the run's metrics stream (default: a new one of `workdir`), rewound to the restored
+  step, its step (counted across stages) and stage kept current; closed at the end.
   """
+  log = log or MetricsLog(workdir)
   try:
     restored = ckpts.restore(state)
     if restored is not None:
       state = restored
     done = int(state["step"])
+    log.rewind(done if restored is not None else None)
     offset = 0
     if restored is not None:
       _say_resume(stages, done)
@@ -53,23 +58,27 @@ def run(state: State, stages: list[Stage], ckpts: Checkpoints, workdir: str,
       if done > end:  # finished, and its end() ran before a later stage began
         offset = end
         continue
+      log.stage, log.step = st.name, max(done, offset)
       if done <= offset:
         # zeros_like keeps the committed sharding: a fresh array would recompile the step
         state = st.begin({**state, "stage_step": jnp.zeros_like(state["stage_step"])})
       if done < end:
-        progress = Progress(workdir, st.num_steps, log_every, prefix=f"[{st.name}] ")
+        progress = Progress(log, st.num_steps, log_every, stage=st.name)
         for g in range(max(done, offset), end):
           state, metrics = st.step(state, st.batches(g - offset))
           state = st.after(state, g - offset)
+          log.step = g + 1
           logged = progress(g - offset + 1, metrics)
           if stop_nonfinite and logged is not None and not math.isfinite(logged["loss"]):
             raise Diverged(st.name, g - offset + 1, st.num_steps, logged, ckpts.latest_step())
           _save(ckpts, g + 1, state, g + 1 == end, stop_nonfinite, st, g - offset + 1)
         done = end
+      log.step = end
       st.end(state)
       offset = end
   finally:  # an interrupted run still completes its last checkpoint save
     ckpts.close()
+    log.close()
   return state
 
 

@@ -1,9 +1,7 @@
-"""Progress lines (step, loss, steps/s, ETA), metrics as JSON lines, and summary tables."""
+"""Progress lines (step, loss, steps/s, ETA; long loops), and summary tables."""
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 
@@ -12,33 +10,47 @@ import numpy as np
 
 
 class Progress:
-  """Logs every `every` steps to stdout and `workdir/metrics.jsonl` (process 0 only)."""
+  """Prints every `every` steps of a stage and sends the values to the run's metrics log."""
 
-  def __init__(self, workdir: str, total_steps: int, every: int, prefix: str = ""):
-    self.total, self.every, self.prefix = total_steps, max(1, every), prefix
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.t0 = self.t_last = time.perf_counter()
-    self.n_last = None
+  def __init__(self, log, total_steps: int, every: int, stage: str = ""):
+    self.log, self.total, self.every, self.stage = log, total_steps, max(1, every), stage
+    self.t_last, self.n_last = time.perf_counter(), None
     self.main = jax.process_index() == 0
 
   def __call__(self, step: int, metrics: dict, force: bool = False) -> dict | None:
-    """`step` is the number of updates done so far (1-based); metrics are device scalars.
-    Returns the metrics as floats when this step is logged, else None."""
+    """`step` is the number of updates done in the stage (1-based); metrics are device
+    scalars. Returns the metrics as floats when this step is logged, else None."""
     if not (force or step % self.every == 0 or step == self.total):
       return None
     vals = {k: float(np.asarray(v)) for k, v in metrics.items()}
     now = time.perf_counter()
     rate = (step - self.n_last) / (now - self.t_last) if self.n_last is not None else math.nan
     self.t_last, self.n_last = now, step
+    self.log.train(step, vals)
     if not self.main:
       return vals
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, "stage": self.prefix, **vals}) + "\n")
     eta = (self.total - step) / rate if rate and rate == rate else math.nan
     shown = " ".join(f"{k} {v:.4g}" for k, v in vals.items() if k != "lr")
-    print(f"{self.prefix}step {step}/{self.total} {shown} lr {vals.get('lr', 0):.2e} "
-          f"| {rate:.1f} steps/s ETA {_fmt(eta)}", flush=True)
+    speed = f"{rate:.1f} steps/s ETA {_fmt(eta)}" if rate == rate else "(includes compiling)"
+    print(f"[{self.stage}] step {step}/{self.total} {shown} lr {vals.get('lr', 0):.2e} "
+          f"| {speed}", flush=True)
     return vals
+
+
+class Ticker:
+  """Progress of a long loop (an evaluation, a scan): says `what i/total` every `every`
+  seconds once `after` seconds have passed, so short loops print nothing."""
+
+  def __init__(self, what: str, total: int, after: float = 5.0, every: float = 10.0):
+    self.what, self.total, self.after, self.every = what, total, after, every
+    self.t0 = time.perf_counter()
+    self.next = self.t0 + after
+
+  def __call__(self, done: int) -> None:
+    now = time.perf_counter()
+    if now >= self.next:
+      self.next = now + self.every
+      say(f"{self.what}: {done}/{self.total} ({_fmt(now - self.t0)} so far)")
 
 
 def _fmt(seconds: float) -> str:

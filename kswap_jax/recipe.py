@@ -35,17 +35,22 @@ State = train.State
 class Member:
   """One member as a recipe's hooks see it.
 
-  config: the member's config; dir: where its results.json lives; export: whether it writes
-  models and plots (a single run; a study exports only its best member); results: the
-  content of its results.json (a hook changes it, then calls `save`).
+  config: the member's config; dir: where its results.json lives ("": results kept in
+  memory only); export: whether it writes models and plots (a single run; a study exports
+  only its best member); results: the content of its results.json (a hook changes it, then
+  calls `save`); log: called with the results at every save (the run's metrics stream).
   """
   config: ml_collections.ConfigDict
   dir: str
   export: bool
   results: dict
+  log: Callable[[dict], None] | None = None
 
   def save(self) -> None:
-    workdir.write_json(os.path.join(self.dir, "results.json"), self.results)
+    if self.dir:
+      workdir.write_json(os.path.join(self.dir, "results.json"), self.results)
+    if self.log:
+      self.log(self.results)
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.dir, *parts)
@@ -138,3 +143,15 @@ class Recipe:
   def report(results: dict) -> str:
     """The tables a run prints of its results (results.json)."""
     raise NotImplementedError
+
+  def evaluate_model(self, member: Member, state: State) -> str:
+    """Measures the model of `state` (a given model: LoRA zero) as the job's evaluations do,
+    into `member.results`; returns the job's table of it (`kswap eval`)."""
+    raise NotImplementedError
+
+  def mia_sets(self, stage: int) -> dict[str, pipeline.ExampleSet] | None:
+    """Membership-inference sets of stage `stage`'s model (-1: the last stage's;
+    `kswap_jax.mia`): "member" (retain train examples), "nonmember" (test examples) and
+    "target" (the forget set's train examples); None when the stage forgets nothing."""
+    del stage
+    return None

@@ -2,6 +2,9 @@
 
 `run(method, config, workdir)` is a single run, N = 1: its step is the plain compiled program
 (`sharding.compile_step`, so `mesh.rules` can shard the params, FSDP style).
+`evaluate(method, config, model)` measures a given model as a run of `method` would
+(`kswap eval`). With `config.eval_mia`, a single run also measures membership inference on
+each stage's forget set (`kswap_jax.mia`) before training and after every stage.
 `sweep(config, workdir)` is a study: the members of `config.grid` / `config.members` over
 `config.base`, stacked along a leading axis and trained as one vmapped program
 (`kswap_jax.sweep`), in chunks, split over the mesh axis `sweep`. Both resume from the latest
@@ -28,9 +31,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kswap_jax import builders, checkpoints, config_lib, loop, methods, recipe, sharding
+from kswap_jax import builders, checkpoints, config_lib, loop, methods, metrics_log, mia, recipe
+from kswap_jax import sharding
 from kswap_jax import sweep as sweep_lib
-from kswap_jax import train, workdir
+from kswap_jax import train, trees, workdir
 from kswap_jax.errors import UserError
 from kswap_jax.progress import say, table
 
@@ -85,17 +89,26 @@ def _member(config, directory: str, export: bool, results: dict | None = None) -
 
 def _train_one(rec: recipe.Recipe, member: recipe.Member, stages: list[recipe.Stage],
                state: State, run_dir: str, settings: ml_collections.ConfigDict) -> State:
-  """Trains one member through `stages`, resuming from run_dir/checkpoints.
+  """Trains one member through `stages`, resuming from run_dir/checkpoints; its evaluations
+  and losses go to the metrics stream of run_dir (`metrics_log`).
 
-  settings: the config whose checkpoint, log_every and mesh.rules apply.
+  settings: the config whose checkpoint, log_every, log and mesh.rules apply.
   """
   mesh = rec.mesh
   shardings = sharding.state_shardings(state, mesh, settings.mesh.get("rules", ()))
   state = jax.device_put(state, shardings, may_alias=False)  # steps donate it
+  ckpts = checkpoints.Checkpoints(os.path.join(run_dir, "checkpoints"),
+                                  settings.checkpoint.every_steps, settings.checkpoint.keep)
+  log = metrics_log.MetricsLog(run_dir, settings)
+  log.rewind(ckpts.latest_step())
+  member.log = log.results
   rec.start(member, state)
+  with_mia = member.config.get("eval_mia", False)
+  if with_mia:
+    measure_mia(rec, member, state, 0, "pretrained")
   placed = lambda s: jax.device_put(s, shardings)  # noqa: E731
 
-  def loop_stage(st: recipe.Stage) -> loop.Stage:
+  def loop_stage(i: int, st: recipe.Stage) -> loop.Stage:
     step = train.make_step(st.loss, rec.tx, st.schedule(st.end_ratio(member.config)),
                            rec.rng_impl, st.context)
     out = loop.Stage(st.name, st.num_steps, sharding.compile_step(step, mesh, shardings),
@@ -104,14 +117,104 @@ def _train_one(rec: recipe.Recipe, member: recipe.Member, stages: list[recipe.St
       out.begin = lambda s: placed(st.begin(member, s))
     if st.select:
       out.after = lambda s, i: placed(st.select(member, s)) if st.select_at(i) else s
-    if st.end:
-      out.end = lambda s: st.end(member, s)
+
+    def end(s):
+      if st.end:
+        st.end(member, s)
+      if with_mia:
+        measure_mia(rec, member, s, i, st.name)
+
+    out.end = end
     return out
 
-  ckpts = checkpoints.Checkpoints(os.path.join(run_dir, "checkpoints"),
-                                  settings.checkpoint.every_steps, settings.checkpoint.keep)
-  return loop.run(state, [loop_stage(st) for st in stages], ckpts, run_dir, settings.log_every)
+  return loop.run(state, [loop_stage(i, st) for i, st in enumerate(stages)], ckpts, run_dir,
+                  settings.log_every, log=log)
 
+
+def measure_mia(rec: recipe.Recipe, member: recipe.Member, state: State, stage: int,
+                after: str) -> None:
+  """Membership inference on stage `stage`'s forget set (`rec.mia_sets`) against the model
+  released from `state`, as row {"after": after, ...} of results["mia"] (once per `after`)."""
+  sets = rec.mia_sets(stage)
+  rows = member.results.get("mia", [])
+  if sets is None or any(r["after"] == after for r in rows):
+    return
+  apply = lambda p, images: rec.net.apply(p, None, images)  # noqa: E731
+  row = {"after": after, **mia.measure(apply, rec.released(state), sets,
+                                       member.config.data.eval_batch_size, rec.mesh,
+                                       member.config.seed)}
+  member.results["mia"] = rows + [row]
+  member.save()
+  if member.export:
+    say(table(member.results["mia"], ["after", "mia_efficacy", "mia_retain", "mia_test"],
+              "{:.3f}"))
+
+
+def evaluate(method: str, config: ml_collections.ConfigDict, model: str,
+             out_dir: str | None = None) -> dict:
+  """Measures the model in `model` (an exported model, or a workdir: its model/, else its
+  latest checkpoint's model) on the sets of `config`, a config of job `method`, with the
+  job's own evaluation code; prints the job's table and writes eval.json to `out_dir`
+  (default: `model`). Returns what eval.json holds.
+  """
+  cls = methods.get(method)
+  config_lib.check(config)
+  rec = cls(config, out_dir or model, _eval_init(config, model), sharding.make_mesh(config.mesh))
+  initial = rec.initial_state(config)
+  params = _model_params(rec, initial, model)
+  like = train.full_params(initial)
+  for path, leaf in trees.flatten(like).items():
+    got = trees.flatten(params).get(path)
+    if got is None or got.shape != leaf.shape:
+      raise UserError(f"the model in {model} does not fit {method} with this config: param "
+                      f"{path} is {None if got is None else got.shape}, the config's model "
+                      f"{leaf.shape}; give the config the model was trained with")
+  keep = lambda tree: trees.unflatten({p: trees.flatten(params)[p]  # noqa: E731
+                                       for p in trees.flatten(tree)})
+  state = {**initial, "params": keep(initial["params"]),
+           "trainable": {"params": keep(initial["trainable"]["params"]),
+                         "lora": jax.tree.map(jnp.zeros_like, initial["trainable"]["lora"])}}
+  member = recipe.Member(config, "", export=False, results={})
+  say(f"{method}: evaluating {model}")
+  say(rec.evaluate_model(member, state))
+  results = {"model": os.path.abspath(model), "job": method, **member.results}
+  if config.get("eval_mia", False):
+    measure_mia(rec, member, state, -1, "model")
+    results["mia"] = member.results["mia"]
+  workdir.write_json(os.path.join(out_dir or model, "eval.json"), results)
+  return results
+
+
+def _eval_init(config: ml_collections.ConfigDict, model: str) -> str:
+  """The model a run of `config` starts from, for `evaluate`: init.checkpoint, else the
+  finished pretrain run beside `model` (a workdir's pretrain/, or its parent's)."""
+  init = config.get("init", ml_collections.ConfigDict())
+  if init.get("checkpoint") or "pretrain" not in init:
+    return init.get("checkpoint", "")
+  for d in (model, os.path.dirname(os.path.abspath(model))):
+    if os.path.exists(os.path.join(d, "pretrain", "model", "model.json")):
+      return os.path.join(d, "pretrain")
+  raise UserError(f"this config starts from a pretrain run and {model} has none beside it "
+                  "(pretrain/model); give the model the job started from with "
+                  "--config.init.checkpoint=DIR")
+
+
+def _model_params(rec: recipe.Recipe, initial: State, model: str) -> dict:
+  """The params of an exported model, or of the model released from a workdir's latest
+  checkpoint (restored onto `initial`)."""
+  if any(os.path.exists(os.path.join(d, "model.json")) for d in (model, f"{model}/model")):
+    return checkpoints.load_model(model)[0]
+  restored = None
+  if os.path.isdir(os.path.join(model, "checkpoints")):
+    ckpts = checkpoints.Checkpoints(os.path.join(model, "checkpoints"), 1, 1)
+    try:
+      restored = ckpts.restore(initial)
+    finally:
+      ckpts.close()
+  if restored is None:
+    raise UserError(f"no exported model and no checkpoint at {model!r} (expected model.json, "
+                    "model/model.json or checkpoints/ there)")
+  return rec.released(restored)
 
 
 def sweep(config: ml_collections.ConfigDict, run_dir: str) -> dict:

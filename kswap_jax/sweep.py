@@ -19,7 +19,7 @@ import matplotlib
 import ml_collections
 import numpy as np
 
-from kswap_jax import trees
+from kswap_jax import trees, workdir
 from kswap_jax.errors import UserError
 
 matplotlib.use("Agg")
@@ -231,5 +231,5 @@ def pareto_plot(rows: list[dict], best: int, path: str, x: tuple[str, str],
   ax.legend(fontsize=8)
   ax.set_title(f"{len(rows)} members: {x[1]} vs {y[1]}")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  workdir.save_figure(fig, path)
   plt.close(fig)

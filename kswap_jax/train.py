@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from kswap_jax import lora as lora_lib
-from kswap_jax import sharding, trees
+from kswap_jax import progress, sharding, trees
 from kswap_jax.data import pipeline
 
 State = dict[str, Any]
@@ -36,8 +36,8 @@ class Network:
   """A ViT plus the static facts its forward pass needs (LoRA scale, input normalisation)."""
   model: nn.Module
   lora_scale: float = 1.0
-  mean: float = 0.5
-  std: float = 0.5
+  mean: float | tuple[float, ...] = 0.5  # one number, or one per channel
+  std: float | tuple[float, ...] = 0.5
   rng_impl: str = "threefry2x32"
 
   def apply(self, params, lora, images, *, train: bool = False, rng=None,
@@ -78,6 +78,9 @@ def lr_factor(stage_step, *, total_steps: int, warmup_steps: int = 0, end_ratio:
 
 def init_state(params, lora, trainable_regex: str, hparams: dict[str, float], seed: int,
                tx: optax.GradientTransformation, rng_impl: str = "threefry2x32") -> State:
+  """A fresh train state: `params` split by `trainable_regex` (over "a/b/leaf" paths) into
+  frozen "params" and trainable["params"], the `lora` tree (None: {}) trainable too, optax
+  `tx` state, step / stage_step int32 (), rng key data, and `hparams` as float32 () arrays."""
   frozen, tparams = trees.partition(params, trainable_regex)
   trainable = {"lora": lora or {}, "params": tparams}
   return {
@@ -148,9 +151,12 @@ def correct_counts(net, num_classes: int, pass_labels: bool = False):
 
 def evaluate(count_fn, params, lora, examples: pipeline.ExampleSet, batch_size: int,
              mesh) -> tuple[np.ndarray, np.ndarray]:
-  """Per-class (correct, count) over every example of `examples`."""
+  """Per-class (correct, count), each (K,), over every example of `examples`; says its
+  progress when it takes longer than a few seconds."""
   correct = count = 0
-  for b in pipeline.eval_batches(examples, batch_size, sharding.data_sharding(mesh)):
+  tick = progress.Ticker(f"evaluating {examples.name or 'a set'}", -(-len(examples) // batch_size))
+  for i, b in enumerate(pipeline.eval_batches(examples, batch_size, sharding.data_sharding(mesh))):
     c, n = count_fn(params, lora, b)
     correct, count = correct + c, count + n
+    tick(i + 1)
   return np.asarray(correct), np.asarray(count)

@@ -8,8 +8,9 @@
   workdir/model/             exported model (`kswap_jax.checkpoints.export_model`)
   workdir/finished.json      written when the run has finished: a rerun only reports it
 
-One process writes a workdir at a time (`lock`, an flock on the folder: local and NFS-style
-disks; a bucket path is not locked). Only process 0 writes the JSON files.
+A workdir is a local folder or a bucket URL (`gs://bucket/run`; `kswap_jax.paths`). One
+process writes a local workdir at a time (`lock`, an flock on the folder; a bucket has no
+locks, so a bucket workdir is not locked). Only process 0 writes the JSON files.
 """
 from __future__ import annotations
 
@@ -17,24 +18,27 @@ import contextlib
 import datetime
 import fcntl
 import importlib.metadata
+import io
 import json
 import os
 import platform
 import re
 import uuid
-from typing import Any
+from typing import IO, Any, Iterator
 
+from absl import logging
 import jax
 from flax import traverse_util
 import ml_collections
 import numpy as np
 
+from kswap_jax import paths
 from kswap_jax.errors import UserError
 
 # Fields (and sections) that may differ between a run and its continuation: they do not change
 # what the run computes. They hold in a sweep's base config and a pretrain config too.
 RESUMABLE_FIELDS = ("checkpoint", "log_every", "host_memory", "data.eval_batch_size",
-                    "data.cache_images")
+                    "data.cache_images", "data.cache_budget_gb", "data.workers")
 _NESTED_RUN = re.compile(r"^(?:base\.|init\.pretrain\.)+")
 
 
@@ -43,21 +47,46 @@ def is_main() -> bool:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str, mode: str = "w"):
-  """Opens a temp file beside `path` and renames it to `path` when the block succeeds; on an
-  error it is removed. A crash or an interrupt never leaves a half-written `path`, and never
-  touches an existing one. The file gets the permissions of any new file (umask)."""
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}{os.path.splitext(path)[1]}")
+def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
+  """Yields a file whose content replaces `path` when the block succeeds; on an error nothing
+  changes, and an existing `path` is never touched. Parent folders are created.
+
+  A local `path`: a temp file beside it, renamed onto it (the permissions of any new file,
+  umask). A URL: the content is buffered and uploaded in one write, which a bucket applies
+  whole."""
+  target = paths.of(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  if paths.is_url(path):
+    buf = io.BytesIO() if "b" in mode else io.StringIO()
+    yield buf
+    (target.write_bytes if "b" in mode else target.write_text)(buf.getvalue())
+    return
+  tmp = target.parent / f".tmp-{uuid.uuid4().hex}{target.suffix}"
   fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
     with os.fdopen(fd, mode) as f:
       yield f
-    os.replace(tmp, path)
+    os.replace(tmp, target)
   except BaseException:
     os.remove(tmp)
     raise
+
+
+def append_text(path: str, text: str) -> None:
+  """Appends `text` to a file (created if absent); a URL's file is read and written back
+  whole, as buckets do not append."""
+  target = paths.of(path)
+  if not paths.is_url(path):
+    with open(target, "a") as f:
+      f.write(text)
+    return
+  target.write_text((target.read_text() if target.exists() else "") + text)
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> None:
+  """Writes a matplotlib figure as a PNG (a local path or a URL), atomically."""
+  with atomic_file(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=dpi)
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -77,10 +106,11 @@ def _jsonable(x):
 
 
 def read_json(path: str, default=None):
-  if not os.path.exists(path):
+  """The JSON content of a file (local or URL), or `default` if it does not exist."""
+  target = paths.of(path)
+  if not target.exists():
     return default
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(target.read_text())
 
 
 def check_config(workdir: str, config: ml_collections.ConfigDict, record: bool = True) -> None:
@@ -107,14 +137,16 @@ def check_config(workdir: str, config: ml_collections.ConfigDict, record: bool =
 
 
 def open_dir(path: str) -> str:
-  """Creates the folder `path` if needed and checks that this process can write there."""
-  if os.path.exists(path) and not os.path.isdir(path):
+  """Creates the folder `path` (local or URL) if needed and checks that this process can
+  write there."""
+  target = paths.of(path)
+  if target.exists() and not target.is_dir():
     raise UserError(f"workdir {path} is a file; give a folder (new or a run's) as --workdir")
+  test = os.path.join(path, ".write_test")
   try:
-    os.makedirs(path, exist_ok=True)
-    with atomic_file(os.path.join(path, ".write_test")):
+    with atomic_file(test):
       pass
-    os.remove(os.path.join(path, ".write_test"))
+    paths.of(test).unlink()
   except OSError as e:
     raise UserError(f"workdir {path} cannot be written ({e.strerror or e}); give a folder this "
                     "user can create and write") from None
@@ -123,9 +155,15 @@ def open_dir(path: str) -> str:
 
 @contextlib.contextmanager
 def lock(path: str):
-  """Holds an exclusive lock on the folder `path` (process 0) while the block runs; a second
-  process that asks for it is refused at once."""
+  """Holds an exclusive lock on the local folder `path` (process 0) while the block runs; a
+  second process that asks for it is refused at once. A bucket URL is not locked (buckets
+  have no locks): two runs in one bucket workdir are not prevented, and a note says so."""
   if not is_main():
+    yield
+    return
+  if paths.is_url(path):
+    logging.warning("workdir %s is a bucket path: it is not locked; run one job in it at a "
+                    "time", path)
     yield
     return
   fd = os.open(path, os.O_RDONLY)
@@ -145,7 +183,7 @@ FINISHED = "finished.json"
 
 def finished(path: str) -> bool:
   """Whether the run in `path` has finished (`mark_finished`)."""
-  return os.path.exists(os.path.join(path, FINISHED))
+  return paths.of(os.path.join(path, FINISHED)).exists()
 
 
 def mark_finished(path: str) -> None:

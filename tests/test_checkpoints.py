@@ -287,3 +287,84 @@ def test_a_npz_init_computes_with_the_tanh_gelu(tmp_path):
   assert model_cfg.gelu == "tanh" and vit.make_model(model_cfg).gelu == "tanh"
   config.model.gelu = "exact"
   assert builders.initial_model(config, path)[1].gelu == "exact"
+
+
+def _digits_config(path, classes="0-9", **model):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(dict(
+      seed=0, model=dict(variant=f"Nano/{PATCH}", dropout=0.0, **model),
+      data=dict(dataset="sklearn_digits", train_split="train", data_dir="", image_size=8,
+                channels=3, image_key="image", label_key="label"),
+      init=dict(checkpoint=path, dataset="sklearn_digits", classes=classes)))
+
+
+def test_head_over_the_whole_dataset_keeps_the_chosen_rows(tmp_path):
+  """A 10-output digits head and classes "7,3,0": head rows 7, 3, 0 in that order."""
+  from kswap_jax import builders  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "vit.npz")
+  w = _random_params(num_classes=10)
+  npz.save_npz(path, w)
+  params, model_cfg, labels = builders.initial_model(_digits_config(path, "7,3,0"), path)
+  assert model_cfg.num_classes == 3 and [c for _, c, _ in labels.entries] == [7, 3, 0]
+  kernel, bias = np.asarray(w["head"]["kernel"]), np.asarray(w["head"]["bias"])
+  np.testing.assert_array_equal(np.asarray(params["head"]["kernel"]),
+                                np.stack([kernel[:, 7], kernel[:, 3], kernel[:, 0]], axis=1))
+  np.testing.assert_array_equal(np.asarray(params["head"]["bias"]), bias[[7, 3, 0]])
+
+
+def test_head_over_another_label_space_is_not_cut(tmp_path):
+  """12 outputs for a 10-class dataset: not its label ids; the initial head is kept."""
+  from kswap_jax import builders  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "vit.npz")
+  npz.save_npz(path, _random_params(num_classes=12))
+  params, _, _ = builders.initial_model(_digits_config(path, "7,3,0"), path)
+  np.testing.assert_array_equal(np.asarray(params["head"]["kernel"]), 0.0)
+
+
+def test_class_posemb_model_keeps_or_gains_the_class_row(tmp_path):
+  """A vision_transformer file into a model whose pos_embedding covers the class token: the
+  row is kept (not folded); a big_vision file gets a zero row; both compute the same logits
+  as the folded model."""
+  model = vit.ViT(num_classes=10, class_posemb=True, **vit.get_variant(f"Nano/{PATCH}"))
+  init = vit.init_params(model, jax.random.key(0), IMAGE)
+  assert init["pos_embedding"].shape == (1, 17, 32)
+  class_row = np.random.default_rng(0).normal(size=(1, 1, 32)).astype(np.float32)
+  w = _vit_flat(_random_params(), class_row)
+  params = npz.load_pretrained(_write(tmp_path / "vit.npz", w), init)
+  np.testing.assert_array_equal(np.asarray(params["pos_embedding"]),
+                                w["Transformer/posembed_input/pos_embedding"])
+  images = jnp.asarray(np.random.default_rng(1).normal(size=(2, *IMAGE)), jnp.float32)
+  folded = npz.load_pretrained(str(tmp_path / "vit.npz"), _init())
+  np.testing.assert_allclose(model.apply({"params": params}, images),
+                             _model().apply({"params": folded}, images), atol=1e-5)
+  npz.save_npz(str(tmp_path / "bv.npz"), _random_params())
+  bv = npz.load_pretrained(str(tmp_path / "bv.npz"), init)
+  np.testing.assert_array_equal(np.asarray(bv["pos_embedding"])[:, 0], 0.0)
+  np.testing.assert_allclose(model.apply({"params": bv}, images),
+                             _model().apply({"params": _random_params()}, images), atol=1e-5)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("attention_scale", "dim", "attention_scale"), ("layernorm_eps", 0.0, "layernorm_eps"),
+    ("qkv_bias", "no", "qkv_bias"), ("class_posemb", 1, "class_posemb")])
+def test_bad_model_fields_refused(field, value, match):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict({"variant": "Nano/2", "num_classes": 2, field: value})
+  with pytest.raises(UserError, match=match):
+    vit.make_model(cfg)
+
+
+def test_exported_model_without_the_new_fields_loads_with_todays_model(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from kswap_jax import builders, checkpoints  # pylint: disable=g-import-not-at-top
+  old = ml_collections.ConfigDict(dict(variant=f"Nano/{PATCH}", num_classes=10, dropout=0.0,
+                                       dtype="float32", attention="einsum"))
+  checkpoints.export_model(str(tmp_path / "model"), _random_params(), old,
+                           [["sklearn_digits", c, str(c)] for c in range(10)])
+  params, model_cfg, _ = builders.initial_model(_digits_config(""), str(tmp_path / "model"))
+  m = vit.make_model(model_cfg)
+  assert (m.attention_scale, m.layernorm_eps, m.qkv_bias, m.class_posemb) == (
+      "head", 1e-6, True, False)
+  images = jnp.zeros((1, *IMAGE))
+  np.testing.assert_array_equal(m.apply({"params": params}, images),
+                                _model().apply({"params": _random_params()}, images))

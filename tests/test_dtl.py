@@ -74,14 +74,27 @@ def test_gc_extremes_and_bad_input():
     losses.gradient_collision({"x": jnp.concatenate([u, u])}, "euclid")
 
 
-def _mlp_ce(w, batch):
-  """Source CE of a tiny tanh MLP: batch {"x": (b, 3), "y": (b,)}."""
-  h = jnp.tanh(batch["x"] @ w["w1"] + w["b1"])
-  return losses.cross_entropy(h @ w["w2"], batch["y"])
-
-
 @pytest.mark.parametrize("similarity", ["cosine", "dot"])
-def test_gc_gradient_matches_finite_differences_float64(similarity):
+def test_collision_weights_are_the_gc_gradient(similarity):
+  """dGC/dg_k = sum_j W[k, j] g_j (closed form) against autodiff of `gradient_collision`."""
+  g = _random_tree(3, 4)
+  w = losses.collision_weights(losses.gram_matrix(g), similarity)
+  want = jax.grad(losses.gradient_collision)(g, similarity)
+  got = jax.tree_util.tree_map(lambda x: jnp.tensordot(w, x, 1), g)
+  np.testing.assert_allclose(_vectors(got), _vectors(want), rtol=1e-4, atol=1e-6)
+
+
+def _mlp_ce(w, rest, const, batch):
+  """Source CE of a tiny tanh MLP: first layer w["w1"], w["b1"], output layer rest["w2"];
+  batch {"x": (b, 3), "y": (b,)}; const unused."""
+  del const
+  h = jnp.tanh(batch["x"] @ w["w1"] + w["b1"])
+  return losses.cross_entropy(h @ rest["w2"], batch["y"])
+
+
+@pytest.mark.parametrize("vjp", dispose.GC_VJPS)
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+def test_gc_gradient_matches_finite_differences_float64(similarity, vjp):
   with jax.enable_x64(True):
     keys = jax.random.split(jax.random.key(0), 6)
     theta = {"w1": jax.random.normal(keys[0], (3, 5), jnp.float64),
@@ -92,7 +105,10 @@ def test_gc_gradient_matches_finite_differences_float64(similarity):
 
     @jax.jit
     def gc(t):
-      return dispose.collision(_mlp_ce, t, dispose.split(batch, 4), similarity)[0]
+      """GC on the first layer, plus the mean CE (the hvp VJP gives it its gradient too)."""
+      out = dispose.collision(_mlp_ce, {"w1": t["w1"], "b1": t["b1"]}, {"w2": t["w2"]}, None,
+                              dispose.split(batch, 4), similarity, vjp)
+      return out[0] + 0.5 * out[1]
 
     grad = jax.grad(gc)(theta)
     assert grad["w1"].dtype == jnp.float64
@@ -151,6 +167,31 @@ def test_disposal_gc_term_matches_explicit_per_batch_gradients():
   for k, v in flat_want.items():
     np.testing.assert_allclose(flat[k], v, rtol=2e-3, atol=1e-6, err_msg=k)
   assert float(jnp.abs(flat["embedding/kernel"]).sum()) > 0  # reached through the 2nd order
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+def test_hvp_and_autodiff_give_the_same_update_gradient(similarity):
+  """The whole disposal loss's gradient, GC on part of the network (the rest reached through
+  the second order too), float32: the custom hvp VJP against reverse-over-reverse."""
+  net, params = _tiny_net()
+  source_head = {"kernel": jax.random.normal(jax.random.key(1), (8, 4)), "bias": jnp.zeros(4)}
+  hp = {k: jnp.float32(1.0) for k in dispose.HPARAMS}
+  batches = {"target": _batch(3, 4, 3), "source": _batch(2, 8, 4)}
+  trainable = {"lora": {}, "params": params}
+  grads = {}
+  for vjp in dispose.GC_VJPS:
+    loss_fn = dispose.disposal_loss(net, source_head, "gc", num_splits=4, similarity=similarity,
+                                    gc_params="params/Transformer/.*/MlpBlock_0/.*",
+                                    gc_vjp=vjp)
+    (_, metrics), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+        trainable, {}, hp, batches, jax.random.key(0))
+    grads[vjp] = (ravel_pytree(g)[0], metrics["gc"])
+  (a, gc_a), (b, gc_b) = grads["hvp"], grads["autodiff"]
+  np.testing.assert_allclose(gc_a, gc_b, rtol=1e-5)
+  assert float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b))) > 0.9999
+  assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-4
+  with pytest.raises(UserError, match="gc_vjp"):
+    dispose.disposal_loss(net, source_head, "gc", gc_vjp="forward")
 
 
 def test_baseline_losses_and_errors():

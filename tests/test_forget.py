@@ -17,7 +17,7 @@ from PIL import Image
 from kswap_jax import checkpoints, config_lib, heads, losses, npz, runner, train, workdir
 from kswap_jax import lora as lora_lib
 from kswap_jax.errors import UserError
-from kswap_jax.methods import forget
+from kswap_jax.methods import forget, forget_baselines
 from kswap_jax.models import vit
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -104,8 +104,88 @@ def test_task_value_and_method_errors():
   assert forget.task_value([0.1, 0.2], 1, "b") == pytest.approx(0.2)
   with pytest.raises(UserError, match="no entry for task 2"):
     forget.task_value([0.1, 0.2], 2, "weights.beta")
-  with pytest.raises(UserError, match="method='ewc'"):
-    forget.get_method("ewc")
+  with pytest.raises(UserError, match="method='sgd'"):
+    forget.get_method("sgd")
+
+
+def test_per_task_weights_and_carry_checked():
+  w = ml_collections.ConfigDict(dict(beta=[0.3, 0.4], bound=105.0, alpha=1e-4,
+                                     proto_bound=50.0, w_f=[0.015, 0.06], w_r=0.0))
+  with pytest.raises(UserError, match="config.weights lacks .*'l2_lambda'"):
+    forget.task_weights(w, 1)
+  w.update(forget_baselines.WEIGHTS)
+  assert forget.task_weights(w, 1) == pytest.approx(dict(
+      beta=0.4, bound=105.0, alpha=1e-4, proto_bound=50.0, w_f=0.06, w_r=0.0,
+      **forget_baselines.WEIGHTS))
+  w.w_f = [0.015]
+  with pytest.raises(UserError, match=r"weights.w_f=\[0.015\] has no entry for task 1"):
+    forget.task_weights(w, 1)
+
+
+def _authors_sizes(labels, classes, data_ratio, few_shot_num):
+  """Training-set sizes of the authors' branch: k per class, or int(len(set) * data_ratio)."""
+  n = int(np.isin(labels, classes).sum())
+  return len(classes) * few_shot_num if few_shot_num else int(n * data_ratio)
+
+
+@pytest.mark.parametrize("name,arg,ratio", [("forget_digits", "", 0.1),
+                                            ("forget_digits", "shots=4", None),
+                                            ("forget_imagenet100", "", 0.05),
+                                            ("forget_faces", "data=/faces", 0.1),
+                                            ("forget_faces", "data=/faces,shots=4", None)])
+def test_training_subsets_have_the_authors_sizes(name, arg, ratio):
+  """Both training sets of a task are cut as train_own_forget_cl.py cuts them."""
+  from kswap_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  c = _config(name, arg)
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 20, 3000)
+  src = sources.Source("x", "train", labels, [str(i) for i in range(20)], lambda i: None)
+  for which, classes in (("retain", list(range(16))), ("forget", [16, 17, 18, 19])):
+    spec = c.sets[which]
+    ex = pipeline.select(src, classes, classes, image_size=8, channels=1,
+                         fraction=spec.fraction, fraction_of=spec.fraction_of,
+                         per_class=spec.per_class, seed=3)
+    shots = 4 if ratio is None else 0
+    assert len(ex) == _authors_sizes(labels, classes, ratio, shots)
+    assert len(set(ex.indices.tolist())) == len(ex)
+    assert set(labels[ex.indices]) <= set(classes)
+    if shots:
+      assert np.bincount(ex.labels, minlength=20)[classes].tolist() == [4] * len(classes)
+  if name == "forget_faces" and ratio is None:
+    assert c.train.batch_size == 4 and c.weights.proto_bound == 50.0
+    assert list(c.weights.w_f) == [0.015, 0.06, 0.025, 0.012]
+
+
+def test_paper_configs_keep_the_authors_weights():
+  faces, imagenet = _config("forget_faces", "data=/faces"), _config("forget_imagenet100", "")
+  for c in (faces, imagenet):
+    assert c.weights.w_r == 0.0 and c.train.warmup_epochs == 0 and c.train.ema_decay == 0.0
+    assert c.weights.bound == 105.0 and c.weights.alpha == 1e-4 and c.carry == "chosen"
+  assert list(faces.weights.w_f) == [0.01] * 4 and imagenet.weights.w_f == 0.05
+  ema = _config("forget_faces", "data=/faces,ema,carry=last")
+  assert (ema.train.ema_decay, ema.train.ema_epoch, ema.carry) == (0.9, 30, "last")
+  from kswap_jax import config_lib as cl  # pylint: disable=g-import-not-at-top
+  assert imagenet.init.classes.split(",") == sorted(cl.IMAGENET100)
+
+
+def test_weight_average_follows_the_epoch_updates():
+  """ema = w_e at epoch ema_epoch, then decay * ema + (1 - decay) * w at each later epoch."""
+  ws = [np.array([1.0, 2.0]), np.array([3.0, -1.0]), np.array([0.5, 0.5])]
+  tree = lambda w: {"lora": {"x": jnp.asarray(w)}, "params": {}}  # noqa: E731
+  state = {"trainable": tree(ws[0]), "best": {"trainable": tree([0.0, 0.0]), "h": -1.0},
+           "ema": {"trainable": tree([9.0, 9.0]), "n": jnp.zeros((), jnp.int32)}}
+  assert forget.candidate(state) is state["trainable"]
+  want = ws[0]
+  state = forget.average_weights(state, 0.9)
+  for w in ws[1:]:
+    state = forget.average_weights({**state, "trainable": tree(w)}, 0.9)
+    want = 0.9 * want + 0.1 * w
+  np.testing.assert_allclose(forget.candidate(state)["lora"]["x"], want, rtol=1e-6)
+  assert int(state["ema"]["n"]) == 3
+  kept = forget.keep_best(state, 50.0, forget.candidate(state))
+  np.testing.assert_allclose(forget.chosen(kept)["lora"]["x"], want, rtol=1e-6)
+  del state["best"]
+  np.testing.assert_allclose(forget.chosen(state)["lora"]["x"], want, rtol=1e-6)
 
 
 # --- losses -----------------------------------------------------------------------------
@@ -310,6 +390,12 @@ def test_digits_job_end_to_end(digits_run):
   assert [r["task"] for r in rows] == [0, 1]
   assert rows[0]["forget_ids"] == [8, 9] and rows[1]["forget_ids"] == [4, 5]
   assert rows[1]["old_ids"] == [8, 9]
+  c = _digits_config()
+  from kswap_jax import builders  # pylint: disable=g-import-not-at-top
+  labels = builders.source(c.data, "sklearn_digits", c.data.train_split).labels
+  for r in rows:  # 4 retain images per class; int(0.1 n) forget images, as the authors cut
+    assert r["retain_images"] == 4 * len(r["retain_ids"])
+    assert r["forget_images"] == int(0.1 * np.isin(labels, r["forget_ids"]).sum())
   for r in rows:
     for key in ("acc_r", "acc_f", "acc_f_before", "acc_r_pre", "val_H"):
       assert 0.0 <= r[key] <= 100.0
@@ -319,6 +405,34 @@ def test_digits_job_end_to_end(digits_run):
   assert [r["H"] for r in saved["tasks"]] == [r["H"] for r in rows]
   for f in ("task_0/model/model.json", "task_1/model/model.json", "groups.png"):
     assert os.path.exists(os.path.join(run_dir, f))
+
+
+def test_carry_last_changes_only_what_later_tasks_start_from(digits_run, tmp_path):
+  """carry=last: task 0 trains and exports exactly what carry=chosen does (only what task 1
+  starts from changes)."""
+  run_dir, results = digits_run
+  c = _digits_config()
+  c.init.checkpoint = os.path.join(run_dir, "pretrain", "model")
+  c.carry = "last"
+  got = runner.run("forget", c, str(tmp_path))
+  for key in ("acc_r", "acc_f", "acc_f_before", "val_H"):
+    assert got["tasks"][0][key] == pytest.approx(results["tasks"][0][key])
+  a, _ = checkpoints.load_model(str(tmp_path / "task_0" / "model"))
+  b, _ = checkpoints.load_model(os.path.join(run_dir, "task_0", "model"))
+  chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-7)
+  with pytest.raises(UserError, match="carry='best'"):
+    c.carry = "best"
+    runner.run("forget", c, str(tmp_path / "bad"))
+
+
+def test_weight_averaging_run(digits_run, tmp_path):
+  run_dir, _ = digits_run
+  c = _digits_config()
+  c.init.checkpoint = os.path.join(run_dir, "pretrain", "model")
+  c.train.update(epochs=2, ema_decay=0.5, ema_epoch=0)
+  got = runner.run("forget", c, str(tmp_path))
+  assert [r["task"] for r in got["tasks"]] == [0, 1]
+  assert all(0.0 <= r["val_H"] <= 100.0 for r in got["tasks"])
 
 
 class _Interrupt(Exception):
@@ -357,7 +471,7 @@ def test_imagenet100_config_runs_on_mock_data(tmp_path):
   ckpt = str(tmp_path / "in100.npz")
   npz.save_npz(ckpt, vit.init_params(model, jax.random.key(0), (32, 32, 3)))
   c = _config("forget_imagenet100",
-              f"runlocal,ckpt={ckpt},per_task=20,num_tasks=1,method=retrain")
+              f"runlocal,checkpoint={ckpt},per_task=20,num_tasks=1,method=retrain")
   with tfds.testing.mock_data(num_examples=400, policy=tfds.testing.MockPolicy.USE_CODE):
     results = runner.run("forget", c, str(tmp_path / "run"))
   assert [r["task"] for r in results["tasks"]] == [0]
@@ -382,3 +496,29 @@ def test_faces_config_runs_on_a_folder(tmp_path):
   assert c.head.kind == "cosface"
   with pytest.raises(UserError, match="needs data="):
     _config("forget_faces", "runlocal")
+
+
+def test_missing_classes_are_measured_through_the_full_head(tmp_path):
+  """A 1000-class file: the protocol keeps the ImageNet-100 rows, and the other classes' test
+  images are classified over all 1000 outputs, as a plain forward of the file's model does."""
+  from kswap_jax import builders  # pylint: disable=g-import-not-at-top
+  from kswap_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict(dict(variant="Nano/16", num_classes=1000, gelu="tanh"))
+  model = vit.make_model(cfg)
+  full = _randomized(vit.init_params(model, jax.random.key(0), (32, 32, 3)), 1, 0.3)
+  ckpt = str(tmp_path / "in1k.npz")
+  npz.save_npz(ckpt, full)
+  c = _config("forget_imagenet100",
+              f"runlocal,checkpoint={ckpt},per_task=20,num_tasks=1,method=gs_lora,missing")
+  with tfds.testing.mock_data(num_examples=300, policy=tfds.testing.MockPolicy.USE_CODE):
+    results = runner.run("forget", c, str(tmp_path / "run"))
+    src = builders.source(c.data, "imagenet2012", c.data.test_split)
+    kept = set(sources_ids := [src.class_names.index(n) for n in c.init.classes.split(",")])
+    idx = [i for i in range(len(src.labels)) if int(src.labels[i]) not in kept]
+    images = np.stack([pipeline.resize(src.image(i), 32, 3) for i in idx])
+    labels = src.labels[idx]
+  assert sources_ids == sorted(sources_ids)  # sorted WordNet ids = ascending label ids
+  logits = model.apply({"params": full}, pipeline.normalize(images, c.data.mean, c.data.std))
+  want = 100.0 * np.mean(np.argmax(np.asarray(logits), -1) == labels)
+  assert results["pretrained"]["acc_missing"] == pytest.approx(want, abs=1e-6)
+  assert 0.0 <= results["tasks"][0]["acc_missing"] <= 100.0

@@ -6,6 +6,7 @@ call, so a dry run that executed something would fail the test.
 """
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from kswap_jax import config_lib
+
 SCRIPTS = Path(__file__).resolve().parent.parent / "tpu_scripts"
 EXECUTABLES = ["create.sh", "setup.sh", "launch.sh", "logs.sh", "fetch.sh",
                "delete.sh", "slurm_launch.sh"]
 TPU = ["--name", "pod", "--zone", "us-central2-b"]
-JOB = ["--job", "swap", "--config", "configs/swap.py:vit_b16",
+JOB = ["--job", "swap", "--config", "configs/swap_imagenet100.py:learn=cub",
        "--workdir", "gs://bucket/runs/swap"]
 EXTRA = ["--", "--config.seed=3", "--config.note=hello world"]
 
@@ -161,7 +164,7 @@ def test_launch(dry):
   start = words.index("nohup")
   assert words[start + 1:start + 14] == [
       ".venv/bin/python", "-m", "kswap_jax", "swap",
-      "--config", "configs/swap.py:vit_b16", "--workdir", "gs://bucket/runs/swap",
+      "--config", "configs/swap_imagenet100.py:learn=cub", "--workdir", "gs://bucket/runs/swap",
       "--multihost", "--config.seed=3", "--config.note=hello world",
       ">~/kswap_logs/r1.log", "2>&1"]
 
@@ -257,7 +260,7 @@ def test_slurm_launch(fake_env, tmp_path):
   srun = shlex.split(lines[-1])
   assert srun[:2] == ["srun", "--ntasks-per-node=1"]
   assert srun[2].endswith("/.venv/bin/python")
-  assert srun[3:] == ["-m", "kswap_jax", "swap", "--config", "configs/swap.py:vit_b16",
+  assert srun[3:] == ["-m", "kswap_jax", "swap", "--config", "configs/swap_imagenet100.py:learn=cub",
                       "--workdir", "gs://bucket/runs/swap", "--multihost",
                       "--config.seed=3", "--config.note=hello world"]
   subprocess.run(["bash", "-n"], input=script, text=True, check=True)
@@ -299,3 +302,30 @@ def test_shellcheck(fake_env, tmp_path):
   files = sorted(str(p) for p in SCRIPTS.glob("*.sh")) + [str(generated)]
   proc = subprocess.run([shellcheck, "-x", *files], capture_output=True, text=True)
   assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def readme_commands():
+  """The tpu_scripts/ commands of the README's bash blocks, continuation lines joined."""
+  text = (SCRIPTS / "README.md").read_text()
+  blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+  lines = " ".join(blocks).replace("\\\n", " ").splitlines()
+  return [shlex.split(line.replace("$NAME", "kswap-v4").replace("$ZONE", "us-central2-b"))
+          for line in lines if line.strip().startswith("tpu_scripts/")]
+
+
+def test_readme_commands_run_and_name_real_configs(fake_env):
+  """Every documented command runs under --dry-run, and its --config file exists and parses
+  its arguments."""
+  env, record = fake_env
+  commands = readme_commands()
+  assert len(commands) >= 9
+  root = SCRIPTS.parent
+  for argv in commands:
+    script = Path(argv[0]).name
+    proc = subprocess.run([str(SCRIPTS / script), "--dry-run", *argv[1:]], env=env,
+                          capture_output=True, text=True, timeout=30, cwd=env["TMPDIR"])
+    assert proc.returncode == 0, (argv, proc.stderr)
+    if "--config" in argv:
+      path, _, arg = argv[argv.index("--config") + 1].partition(":")
+      config_lib.load(str(root / path), arg or None)
+  assert not record.exists()

@@ -2,12 +2,17 @@
 
 Images stay uint8 (B, H, W, C) up to the device; `normalize` runs inside the compiled step.
 Every process loads only its slice of each global batch, so the same code serves one CPU
-and a multi-host pod.
+and a multi-host pod. Evaluation reads every image the same way (`resize`); training
+batches may be augmented (`Augment`), seeded by (sampler seed, global step, slot in the
+batch, example position), so a resumed run reads exactly the batches an uninterrupted one
+would.
 """
 from __future__ import annotations
 
+from concurrent import futures
 import dataclasses
-from typing import Iterator, Sequence
+import math
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,114 +53,261 @@ class LabelSpace:
     return cls(tuple((str(d), int(c), str(n)) for d, c, n in rows))
 
 
-def resize(image: np.ndarray, size: int, channels: int) -> np.ndarray:
-  """uint8 (H, W, C) -> uint8 (size, size, channels), bilinear; grey <-> RGB as needed."""
+def _channels(image: np.ndarray, channels: int) -> np.ndarray:
+  """uint8 (H, W[, C]) -> (H, W, channels): grey <-> RGB as needed."""
   if image.ndim == 2:
     image = image[..., None]
-  if image.shape[-1] != channels:
-    if image.shape[-1] == 1:
-      image = np.repeat(image, channels, -1)
-    elif channels == 1:
-      image = np.asarray(Image.fromarray(image[..., :3]).convert("L"))[..., None]
-    else:
-      raise UserError(f"cannot turn {image.shape[-1]}-channel images into {channels} channels")
-  if image.shape[:2] != (size, size):
-    if channels == 1:
-      image = np.asarray(Image.fromarray(image[..., 0]).resize((size, size),
-                                                               Image.BILINEAR))[..., None]
-    else:
-      image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+  if image.shape[-1] == channels:
+    return image
+  if image.shape[-1] == 1:
+    return np.repeat(image, channels, -1)
+  if channels == 1:
+    return np.asarray(Image.fromarray(image[..., :3]).convert("L"))[..., None]
+  raise UserError(f"cannot turn {image.shape[-1]}-channel images into {channels} channels")
+
+
+def _resize(image: np.ndarray, width: int, height: int, box=None) -> np.ndarray:
+  """uint8 (H, W, C) -> (height, width, C), bilinear (Pillow's, antialiased when shrinking);
+  box: (left, top, right, bottom), the region resized (default all of it)."""
+  if image.shape[-1] == 1:
+    out = Image.fromarray(image[..., 0]).resize((width, height), Image.BILINEAR, box)
+    return np.asarray(out)[..., None]
+  return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR, box))
+
+
+def resize(image: np.ndarray, size: int, channels: int, shorter: int = 0) -> np.ndarray:
+  """uint8 (H, W[, C]) -> (size, size, channels), bilinear; grey <-> RGB as needed.
+
+  shorter: 0 resizes straight to size x size (the aspect ratio is not kept); else the shorter
+  side is resized to `shorter` (>= size; the longer side keeps the aspect ratio, rounded down)
+  and the centre size x size taken (torchvision's Resize(shorter) + CenterCrop(size)).
+  """
+  image = _channels(image, channels)
+  h, w = image.shape[:2]
+  if shorter:
+    nh, nw = (shorter, int(shorter * w / h)) if h <= w else (int(shorter * h / w), shorter)
+    if (nh, nw) != (h, w):
+      image = _resize(image, nw, nh)
+    top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
+    image = image[top:top + size, left:left + size]
+  elif (h, w) != (size, size):
+    image = _resize(image, size, size)
   return image.astype(np.uint8)
 
 
-def normalize(images: jax.Array, mean: float = 0.5, std: float = 0.5) -> jax.Array:
-  """uint8 images -> float32 ((x / 255) - mean) / std, same shape."""
-  return (images.astype(jnp.float32) / 255.0 - mean) / std
+CROPS = ("none", "random_resized")  # Augment.crop
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  """Random changes to training images (`ExampleSet.train_images`); evaluation never has them.
+
+  crop: "none" (the evaluation image, `resize`), or "random_resized": a region of the decoded
+    image with area a fraction in [crop_min_area, 1] of it and aspect ratio in [3/4, 4/3]
+    (log-uniform), resized to size x size (Inception's crop, torchvision's RandomResizedCrop;
+    the whole image if 10 tries find no region that fits).
+  flip: mirror left-right with probability 1/2.
+  """
+  crop: str = "none"
+  crop_min_area: float = 0.08
+  flip: bool = False
+
+  def __post_init__(self):
+    if self.crop not in CROPS:
+      raise UserError(f"data.train_crop={self.crop!r} is not allowed; use one of {list(CROPS)}")
+    if not 0 < self.crop_min_area <= 1:
+      raise UserError(f"data.crop_min_area={self.crop_min_area} must be in (0, 1]")
+
+  @property
+  def active(self) -> bool:
+    return self.crop != "none" or self.flip
+
+
+def crop_box(rng: np.random.Generator, height: int, width: int,
+             min_area: float) -> tuple[int, int, int, int]:
+  """(left, top, right, bottom) of a random region (`Augment`, crop="random_resized")."""
+  for _ in range(10):
+    area = height * width * rng.uniform(min_area, 1.0)
+    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+    if 0 < w <= width and 0 < h <= height:
+      top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+      return left, top, left + w, top + h
+  return 0, 0, width, height
+
+
+def normalize(images: jax.Array, mean=0.5, std=0.5) -> jax.Array:
+  """uint8 images (..., C) -> float32 ((x / 255) - mean) / std, same shape; mean and std are
+  numbers or one value per channel (C,)."""
+  return ((images.astype(jnp.float32) / 255.0 - jnp.asarray(mean, jnp.float32))
+          / jnp.asarray(std, jnp.float32))
 
 
 class ExampleSet:
   """Chosen examples of one source with labels in the model's label space.
 
-  `images(positions)` loads and resizes the images at those positions (uint8); with `cache`
-  each image is decoded once and kept in host memory, (N, H, W, C) bytes in all.
+  `images(positions)` gives the evaluation images at those positions, uint8 (k, H, W, C)
+  (`resize` with `shorter=resize`); `train_images` the training images, augmented
+  (`Augment`).
+  cache: keep the evaluation images in host memory once decoded, (N, H, W, C) bytes in all:
+    True, False, or a budget in bytes: cache if they fit in it. Random crops are taken from
+    the decoded image, so they are never cached.
+  workers: threads that decode a batch's images (0: the calling thread). Pillow decodes and
+    resizes without holding the GIL, and the images do not depend on the thread count.
   """
 
   def __init__(self, source: Source, indices: np.ndarray, labels: np.ndarray, image_size: int,
-               channels: int, name: str = "", cache: bool = True):
+               channels: int, name: str = "", cache: bool | int = True, *, resize: int = 0,
+               augment: Augment = Augment(), workers: int = 0):
     if len(indices) == 0:
       raise UserError(f"set {name or source.name!r} is empty: its classes have no examples "
                       f"in split {source.split!r} of {source.name!r}")
+    if resize and resize < image_size:
+      raise UserError(f"data.resize={resize} is below data.image_size={image_size}: the "
+                      f"centre crop must fit; use 0 or a size >= {image_size}")
     self.source, self.indices, self.labels = source, indices, labels.astype(np.int32)
     self.shape = (image_size, image_size, channels)
-    self.name, self.cache = name, cache
-    self._cache = np.zeros((len(indices), *self.shape), np.uint8) if cache else None
+    self.name, self.resize, self.augment, self.workers = name, resize, augment, workers
+    nbytes = len(indices) * math.prod(self.shape)
+    self.cache = cache if isinstance(cache, bool) else nbytes <= cache
+    self._cache = np.zeros((len(indices), *self.shape), np.uint8) if self.cache else None
     self._loaded = np.zeros(len(indices), bool)
+    self._pool = futures.ThreadPoolExecutor(workers) if workers else None
 
   def __len__(self) -> int:
     return len(self.indices)
 
-  def _load(self, p: int) -> np.ndarray:
-    return resize(self.source.image(self.indices[p]), self.shape[0], self.shape[2])
+  def decoded(self, p: int) -> np.ndarray:
+    """The source image at position p as stored, uint8 (H', W', C')."""
+    return self.source.image(self.indices[p])
+
+  def _view(self, p: int) -> np.ndarray:
+    return resize(self.decoded(p), self.shape[0], self.shape[2], self.resize)
+
+  def _map(self, fn: Callable, *args) -> list:
+    return list(self._pool.map(fn, *args) if self._pool else map(fn, *args))
 
   def images(self, positions: np.ndarray) -> np.ndarray:
+    """Evaluation images uint8 (k, H, W, C) at positions (k,)."""
     if not self.cache:
-      return np.stack([self._load(p) for p in positions])
+      return np.stack(self._map(self._view, positions))
     todo = np.unique(positions[~self._loaded[positions]])
-    for p in todo:
-      self._cache[p] = self._load(p)
-    self._loaded[todo] = True
+    if len(todo):
+      self._cache[todo] = self._map(self._view, todo)
+      self._loaded[todo] = True
     return self._cache[positions]
+
+  def train_images(self, positions: np.ndarray, key: tuple[int, int],
+                   slots: np.ndarray) -> np.ndarray:
+    """Training images uint8 (k, H, W, C) at positions (k,): `images` augmented by
+    `self.augment`, each seeded by (key = (seed, step), its slot in the global batch, its
+    position)."""
+    if not self.augment.active:
+      return self.images(positions)
+    rngs = [np.random.default_rng([*key, int(slot), int(p)]) for slot, p in zip(slots, positions)]
+    if self.augment.crop == "none":
+      out = self.images(positions)
+    else:
+      out = np.stack(self._map(self._random_crop, positions, rngs))
+    if self.augment.flip:
+      flip = np.array([rng.random() < 0.5 for rng in rngs], bool)
+      out[flip] = out[flip, :, ::-1]
+    return out
+
+  def _random_crop(self, p: int, rng: np.random.Generator) -> np.ndarray:
+    image = _channels(self.decoded(p), self.shape[2])
+    box = crop_box(rng, *image.shape[:2], self.augment.crop_min_area)
+    return _resize(image, self.shape[0], self.shape[0], box).astype(np.uint8)
 
   def classes(self) -> np.ndarray:
     return np.unique(self.labels)
 
 
+FRACTION_OF = ("class", "set")  # what `select`'s fraction is taken of
+
+
 def select(source: Source, class_ids: Sequence[int], new_labels: Sequence[int], *,
            image_size: int, channels: int, fraction: float = 1.0, per_class: int = 0,
-           seed: int = 0, name: str = "", cache: bool = True) -> ExampleSet:
+           fraction_of: str = "class", seed: int = 0, name: str = "",
+           cache: bool | int = True, **options) -> ExampleSet:
   """Examples of `class_ids`, relabelled to `new_labels`; optionally a seeded subset.
 
-  fraction: keep round(fraction * n_c) (at least 1) examples of each class c.
-  per_class: if > 0, keep k examples of each class instead (k-shot).
-  cache: keep decoded images in host memory (`ExampleSet`).
+  fraction: with fraction_of="class", keep round(fraction * n_c) (at least 1) examples of
+  each class c; with fraction_of="set", keep int(fraction * n) examples drawn uniformly from
+  all n examples of the classes (class counts then vary, as a random subset of a dataset does).
+  per_class: if > 0, keep k examples of each class instead (k-shot); fraction is then unused.
+  cache, options (resize, augment, workers): how images are read (`ExampleSet`).
   """
   if not 0 < fraction <= 1:
     raise UserError(f"{name}: fraction={fraction} must be in (0, 1]")
+  if fraction_of not in FRACTION_OF:
+    raise UserError(f"{name}: fraction_of={fraction_of!r} is not allowed; use one of "
+                    f"{list(FRACTION_OF)}")
   rng = np.random.default_rng(seed)
+  by_class = fraction_of == "class" or per_class > 0
   keep, labels = [], []
   for c, y in zip(class_ids, new_labels):
     idx = np.flatnonzero(source.labels == c)
     n = per_class if per_class > 0 else max(1, round(fraction * len(idx)))
-    idx = np.sort(rng.permutation(idx)[:n]) if n < len(idx) else idx
+    if by_class and n < len(idx):
+      idx = np.sort(rng.permutation(idx)[:n])
     keep.append(idx)
     labels.append(np.full(len(idx), y))
-  return ExampleSet(source, np.concatenate(keep), np.concatenate(labels), image_size, channels,
-                    name, cache)
+  keep, labels = np.concatenate(keep), np.concatenate(labels)
+  if not by_class and fraction < 1:
+    pick = np.sort(rng.permutation(len(keep))[:max(1, int(fraction * len(keep)))])
+    keep, labels = keep[pick], labels[pick]
+  return ExampleSet(source, keep, labels, image_size, channels, name, cache, **options)
 
 
 def concat(a: ExampleSet, b: ExampleSet, name: str = "") -> ExampleSet:
-  """Union of two sets (R' = R + L): a set that reads its images through the two parts, so
-  images are cached (or not) once, in the part they belong to."""
-  if a.shape != b.shape:
-    raise ValueError(f"cannot join sets of image shapes {a.shape} and {b.shape}")
-  na = len(a)
+  """Union of two sets (R' = R + L), read through the two parts: images are cached (or not)
+  once, in the part they belong to."""
+  return _Union(a, b, name)
 
-  def image(i):
-    part, p = (a, i) if i < na else (b, i - na)
-    return part.images(np.array([p]))[0]
 
-  src = Source(f"{a.source.name}+{b.source.name}", a.source.split, np.zeros(0, np.int64), [],
-               image)
-  return ExampleSet(src, np.arange(na + len(b)), np.concatenate([a.labels, b.labels]),
-                    a.shape[0], a.shape[2], name, cache=False)
+class _Union(ExampleSet):
+  """The examples of set a, then those of set b (`concat`)."""
+
+  def __init__(self, a: ExampleSet, b: ExampleSet, name: str):
+    if (a.shape, a.resize, a.augment) != (b.shape, b.resize, b.augment):
+      raise ValueError(f"cannot join sets read differently: {a.name!r} and {b.name!r}")
+    src = Source(f"{a.source.name}+{b.source.name}", a.source.split, np.zeros(0, np.int64), [],
+                 self.decoded)
+    super().__init__(src, np.arange(len(a) + len(b)), np.concatenate([a.labels, b.labels]),
+                     a.shape[0], a.shape[2], name, cache=False, resize=a.resize,
+                     augment=a.augment, workers=a.workers)
+    self.parts = (a, b)
+
+  def _part(self, p: int) -> tuple[ExampleSet, int]:
+    a, b = self.parts
+    return (a, p) if p < len(a) else (b, p - len(a))
+
+  def decoded(self, p: int) -> np.ndarray:
+    part, q = self._part(p)
+    return part.decoded(q)
+
+  def _view(self, p: int) -> np.ndarray:
+    part, q = self._part(p)
+    return part.images(np.array([q]))[0]
+
+
+class Positions(np.ndarray):
+  """int (B,) positions of a training batch drawn by a sampler, with `key` = (seed, step) of
+  the draw: the seed of its augmentation (`batch`). Slices keep the key."""
+  key: tuple[int, int] | None = None
+
+  def __array_finalize__(self, obj):
+    self.key = getattr(obj, "key", None)
 
 
 @dataclasses.dataclass(frozen=True)
 class EpochSampler:
   """Batch positions for any global step: a fresh seeded permutation each epoch.
 
-  Step s belongs to epoch s // steps_per_epoch; the positions depend only on (seed, s), so a
-  resumed run sees exactly the batches an uninterrupted one would.
+  Step s belongs to epoch s // steps_per_epoch; the positions (`Positions`, keyed (seed, s)
+  for augmentation) depend only on (seed, s), so a resumed run sees exactly the batches an
+  uninterrupted one would.
   """
   size: int
   batch_size: int
@@ -170,7 +322,9 @@ class EpochSampler:
     perm = np.random.default_rng([self.seed, epoch]).permutation(self.size)
     if self.size < self.batch_size:  # small set: repeat it to fill the batch
       perm = np.resize(perm, self.batch_size)
-    return perm[i * self.batch_size:(i + 1) * self.batch_size]
+    out = perm[i * self.batch_size:(i + 1) * self.batch_size].view(Positions)
+    out.key = (self.seed, step)
+    return out
 
 
 def _local(x: np.ndarray) -> np.ndarray:
@@ -191,10 +345,15 @@ def to_global(arrays: dict[str, np.ndarray], sharding: jax.sharding.Sharding,
 
 def batch(examples: ExampleSet, positions: np.ndarray,
           sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
-  """Global batch {"images": uint8 (B, H, W, C), "labels": int32 (B,)} at `positions`."""
+  """Global training batch {"images": uint8 (B, H, W, C), "labels": int32 (B,)} at
+  `positions`; this process reads only its slice. Positions from a sampler (`Positions`) are
+  augmented (`ExampleSet.train_images`); a plain array of positions is not."""
   local = _local(positions)
-  return to_global({"images": examples.images(local), "labels": examples.labels[local]},
-                   sharding, len(positions))
+  key = getattr(positions, "key", None)
+  images = (examples.images(local) if key is None else
+            examples.train_images(local, key, _local(np.arange(len(positions)))))
+  return to_global({"images": images, "labels": examples.labels[local]}, sharding,
+                   len(positions))
 
 
 def eval_batches(examples: ExampleSet, batch_size: int,

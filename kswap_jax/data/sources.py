@@ -2,7 +2,9 @@
 
 A `Source` has `labels` (N,) int64, `class_names` (K,), and `image(i)` -> uint8 (H, W, C).
 TFDS datasets are read with `builder.as_data_source`, which needs no TensorFlow for
-array_record files (JPEG/PNG decoded with Pillow). `folder:/path` reads
+array_record files (JPEG/PNG decoded with Pillow); their labels are read once per split and
+kept in a file (`label_index`). TFRecord-format datasets are refused with the command that
+converts them. `folder:/path` reads
 `/path/<split>/<class name>/<image file>`; opening it reads every file's header and refuses
 (UserError naming it) a class folder without images or a file Pillow cannot identify. A file
 truncated past its header is refused when first decoded.
@@ -10,6 +12,7 @@ truncated past its header is refused when first decoded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Sequence
 
@@ -17,7 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from kswap_jax.data import digits
+from kswap_jax.data import digits, label_index
 from kswap_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -60,32 +63,43 @@ def open_source(name: str, split: str, data_dir: str | None = None,
       raise UserError(f"dataset {name!r} is not prepared in {data_dir}; build it there (e.g. "
                       f"`tfds build {name} --data_dir {data_dir} --file_format array_record`) "
                       f"or set data.data_dir") from None
+    if isinstance(e, NotImplementedError):  # stored as TFRecord files: no random access
+      raise UserError(f"dataset {name!r} in {builder.data_dir} is stored as "
+                      f"{builder.info.file_format.value} files, which cannot be read by index; "
+                      f"convert it once (needs TensorFlow): `tfds convert_format "
+                      f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record`"
+                      ) from None
     raise UserError(f"split {split!r} of {name!r} cannot be read ({str(e)[:200]}); available "
                     f"splits: {sorted(builder.info.splits)}") from None
   features = builder.info.features
   if image_key not in features or label_key not in features:
     raise UserError(f"dataset {name!r} has features {sorted(features)}; set data image_key/"
                     f"label_key to the image and class-label features")
-  labels = _scan_labels(builder, split, ds, image_key, label_key)
+  read = functools.partial(_label_reader, builder, image_key, label_key)
+  if builder.info.splits:
+    labels = label_index.labels(builder, split, label_key, read)
+  else:  # no split records (`tfds.testing.mock_data`): read this split's labels each time
+    labels = read(split)(np.arange(len(ds)))
   return Source(name, split, labels, list(features[label_key].names),
                 lambda i: np.asarray(ds[int(i)][image_key]))
 
 
-def _scan_labels(builder, split: str, decoded, image_key: str, label_key: str) -> np.ndarray:
-  """(N,) labels of a TFDS split, read with `Image` features left encoded: decoding every JPEG
-  of a large dataset once per run would take minutes. `decoded` (the split's usual data source)
-  serves where that read needs TensorFlow: `tfds.testing.mock_data` encodes its fake images
-  for a decoder."""
-  n = len(decoded)
-  ds = decoded
+def _label_reader(builder, image_key: str, label_key: str,
+                  split: str) -> Callable[[np.ndarray], np.ndarray]:
+  """A function from record indices (k,) of `split` to their labels (k,) int64, which reads
+  `Image` features without decoding them: decoding every JPEG of a large dataset would take
+  long. Where that read needs TensorFlow (`tfds.testing.mock_data` encodes its fake images for
+  a decoder), the records are read decoded."""
+  ds = builder.as_data_source(split=split)
   if isinstance(builder.info.features[image_key], tfds.features.Image):
-    ds = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+    raw = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
     try:
-      if n:
-        ds[0]  # pylint: disable=pointless-statement
+      if len(raw):
+        raw[0]  # pylint: disable=pointless-statement
+      ds = raw
     except ImportError:
-      ds = decoded
-  return np.fromiter((ds[i][label_key] for i in range(n)), np.int64, n)
+      pass
+  return lambda idx: np.fromiter((ds[int(i)][label_key] for i in idx), np.int64, len(idx))
 
 
 def _folder_source(root: str, split: str) -> Source:

@@ -9,8 +9,8 @@ the normalised leakage and the PL budgets are our own. Source terms (config `met
 
   gc            gc * GC: a source batch is split into K sub-batches, g_k = d CE_src(B_k) / d
                 theta (over the params chosen by a regex), GC = mean_{i != j} cos(g_i, g_j).
-                The K gradients are taken inside the loss (vmap of grad), so the update
-                differentiates through them (second order).
+                The update differentiates through the K gradients (second order): by default
+                with Hessian-vector products, one sub-batch at a time (`collision`).
   grad_ascent   ascent * relu(bound - CE_src): bounded gradient ascent on the source batch.
   random_label  random_label * CE_src(wrong labels): each source example gets a uniformly
                 drawn wrong source class, fresh every step.
@@ -82,16 +82,74 @@ def measured_paths(trainable, regex: str) -> list[str]:
   return hits
 
 
-def collision(ce_fn: Callable[[object, Batch], jax.Array], measured, sub_batches: Batch,
-              similarity: str = "cosine") -> tuple[jax.Array, jax.Array]:
-  """(GC, mean source CE) of the K sub-batches.
+GC_VJPS = ("hvp", "autodiff")
 
-  ce_fn(measured, batch) -> scalar source CE of one sub-batch; sub_batches leaves (K, b, ...).
-  The per-sub-batch gradients are a traced function of `measured` (and of anything ce_fn closes
-  over), so differentiating the result is second order.
+
+def check_gc_vjp(vjp: str) -> str:
+  if vjp not in GC_VJPS:
+    raise UserError(f"dispose.gc_vjp={vjp!r} is not allowed; use one of {GC_VJPS}")
+  return vjp
+
+
+def collision(ce_fn: Callable[..., jax.Array], measured, rest, const, sub_batches: Batch,
+              similarity: str = "cosine", vjp: str = "hvp") -> tuple[jax.Array, jax.Array]:
+  """(GC, mean source CE) of the K sub-batches, g_k = d ce_fn(measured, rest, const, B_k) /
+  d measured.
+
+  ce_fn(measured, rest, const, batch) -> scalar source CE of one sub-batch, a pure function:
+    `measured` and `rest` are differentiated, `const` is not; sub_batches leaves (K, b, ...).
+  vjp: how the update differentiates GC (second order) -- "hvp": a custom VJP that computes
+    the g_k one sub-batch at a time and returns dGC/d(measured, rest) = sum_k H_k c_k, with
+    c_k = dGC/dg_k in closed form (`losses.collision_weights`) and H_k c_k a forward-over-reverse
+    Hessian-vector product, again one sub-batch at a time (no second-order residuals are
+    stored); "autodiff": the K gradients by vmap(grad), differentiated by reverse mode.
   """
-  ce, grads = jax.vmap(jax.value_and_grad(ce_fn), in_axes=(None, 0))(measured, sub_batches)
+  check_gc_vjp(vjp)
+  losses.check_similarity(similarity)
+  if vjp == "hvp":
+    return _hvp_collision(ce_fn, similarity, measured, rest, const, sub_batches)
+  ce, grads = jax.vmap(jax.value_and_grad(ce_fn), in_axes=(None, None, None, 0))(
+      measured, rest, const, sub_batches)
   return losses.gradient_collision(grads, similarity), ce.mean()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _hvp_collision(ce_fn, similarity, measured, rest, const, sub_batches):
+  return _hvp_collision_fwd(ce_fn, similarity, measured, rest, const, sub_batches)[0]
+
+
+def _hvp_collision_fwd(ce_fn, similarity, measured, rest, const, sub_batches):
+  _, (ce, grads) = jax.lax.scan(
+      lambda _, b: (None, jax.value_and_grad(ce_fn)(measured, rest, const, b)), None,
+      sub_batches)
+  gram = losses.gram_matrix(grads)
+  w = losses.collision_weights(gram, similarity)
+  c = jax.tree_util.tree_map(lambda g: jnp.tensordot(w.astype(g.dtype), g, 1), grads)
+  out = (losses.collision_from_gram(gram, similarity), ce.mean())
+  return out, (measured, rest, const, sub_batches, c)
+
+
+def _hvp_collision_bwd(ce_fn, similarity, res, cts):
+  """d(gc_bar GC + ce_bar mean CE) / d(measured, rest) = sum_k gc_bar H_k c_k + ce_bar / K
+  grad_k; H_k [c_k; 0] by jvp of the (measured, rest) gradient, which gives grad_k too."""
+  del similarity
+  measured, rest, const, sub_batches, c = res
+  gc_bar, ce_bar = cts
+  k = jax.tree_util.tree_leaves(c)[0].shape[0]
+
+  def add(total, xs):
+    batch, c_k = xs
+    grad = jax.grad(ce_fn, argnums=(0, 1))
+    g, hc = jax.jvp(lambda m: grad(m, rest, const, batch), (measured,), (c_k,))
+    return jax.tree_util.tree_map(lambda t, a, b: t + gc_bar * b + (ce_bar / k) * a,
+                                  total, g, hc), None
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, (measured, rest))
+  total, _ = jax.lax.scan(add, zeros, (sub_batches, c))
+  return (*total, None, None)
+
+
+_hvp_collision.defvjp(_hvp_collision_fwd, _hvp_collision_bwd)
 
 
 def _model_args(trainable, frozen) -> tuple[dict, dict]:
@@ -99,17 +157,34 @@ def _model_args(trainable, frozen) -> tuple[dict, dict]:
   return trees.combine(frozen, trainable.get("params", {})), trainable.get("lora", {})
 
 
+def _source_ce(net: train.Network) -> Callable[..., jax.Array]:
+  """ce_fn(measured, rest, (frozen, source_head), batch) -> source CE of `batch` through the
+  frozen source head on the model's embedding, in inference mode."""
+
+  def ce_fn(measured, rest, const, b):
+    frozen, source_head = const
+    p, lo = _model_args(trees.combine(rest, measured), frozen)
+    _, emb = net.apply(p, lo, b["images"], return_embedding=True)
+    return losses.cross_entropy(heads.head_logits(emb, source_head), b["labels"])
+
+  return ce_fn
+
+
 def disposal_loss(net: train.Network, source_head, method: str, *, num_splits: int = 4,
-                  gc_params: str = ".*", similarity: str = "cosine") -> train.LossFn:
+                  gc_params: str = ".*", similarity: str = "cosine",
+                  gc_vjp: str = "hvp") -> train.LossFn:
   """loss_fn(trainable, frozen, hparams, batches, rng) for `train.make_step`.
 
   batches: {"target": b[, "source": b]}, b = {"images": uint8 (B, H, W, C), "labels": (B,)};
     target labels index the target head, source labels the frozen `source_head` (D, K_src).
   Loss: target * CE_tgt + the method's source term (module docstring). GC is measured on the
   trainable leaves whose path ("lora/..." / "params/...") fully matches `gc_params`, with the
-  source gradients taken in inference mode (no dropout).
+  source gradients taken in inference mode (no dropout); `gc_vjp` picks how GC is
+  differentiated (`collision`).
   """
   check_method(method)
+  check_gc_vjp(gc_vjp)
+  source_ce = _source_ce(net)
 
   def loss_fn(trainable, frozen, hp, batches, rng):
     params, lora = _model_args(trainable, frozen)
@@ -124,13 +199,8 @@ def disposal_loss(net: train.Network, source_head, method: str, *, num_splits: i
     src = batches["source"]
     if method == "gc":
       rest, measured = trees.partition(trainable, gc_params)
-
-      def ce_fn(m, b):
-        p, lo = _model_args(trees.combine(rest, m), frozen)
-        _, emb = net.apply(p, lo, b["images"], return_embedding=True)
-        return losses.cross_entropy(heads.head_logits(emb, source_head), b["labels"])
-
-      gc, ce_s = collision(ce_fn, measured, split(src, num_splits), similarity)
+      gc, ce_s = collision(source_ce, measured, rest, (frozen, source_head),
+                           split(src, num_splits), similarity, gc_vjp)
       return total + hp["gc"] * gc, {**aux, "gc": gc, "ce_source": ce_s}
     _, emb = net.apply(params, lora, src["images"], train=True,
                        rng=jax.random.fold_in(rng, 1), return_embedding=True)
@@ -291,7 +361,7 @@ class Recipe(recipe.Recipe):
     dcfg = self.config.dispose
     return disposal_loss(self.net, self.source_head, self.method if kind == "dispose" else "none",
                          num_splits=dcfg.num_splits, gc_params=dcfg.gc_params,
-                         similarity=dcfg.similarity)
+                         similarity=dcfg.similarity, gc_vjp=dcfg.get("gc_vjp", "hvp"))
 
   def stages(self):
     per_epoch = self.samplers[0].steps_per_epoch
@@ -424,3 +494,9 @@ class Recipe(recipe.Recipe):
     below the random-init model's is no better than the random model."""
     leak = row["leakage"]
     return row["val_target_acc"] - (100 * max(leak, 0.0) if leak == leak else 0.0)
+
+  def evaluate_model(self, member, state):
+    """Target top-1, and source top-1 through the starting model's source head (leakage
+    needs the reference models of a run: see its results.json)."""
+    self.evaluate(member, state, "model")
+    return table(member.results["evals"], ["after", "target_acc", "source_acc"])

@@ -1,8 +1,10 @@
-"""`pretrain`: train a ViT (from scratch or from a .npz) on a dataset's classes.
+"""`pretrain`: train a ViT (from scratch or from a pretrained file) on a dataset's classes.
 
 Produces the exported model (workdir/model) that the unlearning methods start from, with
 per-class and overall test top-1 accuracy in workdir/results.json. The others run it on
 demand: a config whose `init.checkpoint` is empty pretrains `init.pretrain` first.
+An optional `head` section (kind, scale, margin, margin_at_eval; `heads.HeadNetwork`) trains a
+CosFace head instead of the default linear one.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from kswap_jax import builders, checkpoints, losses, metrics, npz, recipe, sharding, train
+from kswap_jax import builders, checkpoints, heads, losses, metrics, recipe, sharding, train
 from kswap_jax import trees
 from kswap_jax.data import pipeline
 from kswap_jax.models import vit
@@ -18,7 +20,7 @@ from kswap_jax.progress import say, table
 
 
 class Recipe(recipe.Recipe):
-  """All params trained with cross-entropy on `data.classes`; one stage."""
+  """All params trained with cross-entropy on `data.classes` (through `head`); one stage."""
   name = "pretrain"
   sweepable = ("seed", "train.lr", "train.weight_decay")
   score_text = "validation top-1"
@@ -39,14 +41,18 @@ class Recipe(recipe.Recipe):
     if data.get("val_split"):
       self.sets["val"] = builders.example_set(data, spec, data.val_split, self.labels, "val",
                                               subset=False)
-    from_npz = config.init.get("checkpoint", "").endswith(".npz")
-    self.model_cfg = ml_collections.ConfigDict({**({"gelu": npz.GELU} if from_npz else {}),
-                                                **config.model})
+    ckpt = config.init.get("checkpoint", "")
+    self.model_cfg = ml_collections.ConfigDict(
+        {**(builders.pretrained_defaults(ckpt) if ckpt else {}), **config.model})
     self.model_cfg.num_classes = len(self.labels)
-    self.net = builders.network(config, self.model_cfg)
+    hcfg = config.get("head", ml_collections.ConfigDict())
+    self.net = heads.HeadNetwork(builders.network(config, self.model_cfg),
+                                 hcfg.get("kind", "linear"), hcfg.get("scale", 64.0),
+                                 hcfg.get("margin", 0.35))
     self.sampler = pipeline.EpochSampler(len(self.sets["train"]), config.train.batch_size,
                                          config.seed)
-    self.counts = train.correct_counts(self.net, len(self.labels))
+    self.counts = train.correct_counts(self.net, len(self.labels),
+                                       pass_labels=hcfg.get("margin_at_eval", False))
     say(f"pretrain: {len(self.sets['train'])} train / {len(self.sets['test'])} test images, "
         f"{len(self.labels)} classes, ViT {config.model.variant}, {self.num_steps()} steps")
 
@@ -55,11 +61,13 @@ class Recipe(recipe.Recipe):
 
   def initial_state(self, config):
     data = self.config.data
-    params = vit.init_params(self.net.model, jax.random.key(config.seed),
+    params = vit.init_params(self.net.base.model, jax.random.key(config.seed),
                              (data.image_size, data.image_size, data.channels))
+    if self.net.kind == "cosface":  # class centres xavier-uniform (a zero one has no direction)
+      params = heads.reset_head(params, len(self.labels), jax.random.key(config.seed + 1))
     if config.init.get("checkpoint"):
-      params = npz.load_pretrained(config.init.checkpoint, params,
-                                   dont_load=tuple(config.init.get("dont_load", ())))
+      params = builders.load_pretrained(config.init.checkpoint, params,
+                                        tuple(config.init.get("dont_load", ())))
     tcfg = config.train
     return train.init_state(params, None, ".*",
                             {"lr": tcfg.lr, "weight_decay": tcfg.weight_decay}, config.seed,
@@ -68,7 +76,7 @@ class Recipe(recipe.Recipe):
   def loss(self, trainable, frozen, hp, batches, rng):
     del hp
     logits = self.net.apply(trees.combine(frozen, trainable["params"]), None,
-                            batches["images"], train=True, rng=rng)
+                            batches["images"], labels=batches["labels"], train=True, rng=rng)
     acc = jnp.mean(jnp.argmax(logits, -1) == batches["labels"])
     return losses.cross_entropy(logits, batches["labels"]), {"acc": acc}
 
@@ -115,3 +123,8 @@ class Recipe(recipe.Recipe):
 
   def score(self, row):
     return row["val_accuracy"]
+
+  def evaluate_model(self, member, state):
+    """Per-class and overall test top-1 of the model."""
+    self.evaluate(member, state)
+    return self.report(member.results)

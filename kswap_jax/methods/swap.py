@@ -21,7 +21,7 @@ import numpy as np
 
 from kswap_jax import builders, checkpoints, heads, losses, metrics, recipe, sharding, train
 from kswap_jax import lora as lora_lib
-from kswap_jax import trees
+from kswap_jax import trees, workdir
 from kswap_jax.data import pipeline, sources
 from kswap_jax.errors import UserError
 from kswap_jax.progress import say, table
@@ -215,6 +215,17 @@ class Recipe(recipe.Recipe):
   def score(self, row):
     return row["val_acc_r"] + row["val_acc_l"] - row["val_acc_f"]
 
+  def evaluate_model(self, member, state):
+    """Acc_R / Acc_F / Acc_L (and their validation values) of the model."""
+    self.evaluate(member, state, "model")
+    return self.report(member.results)
+
+  def mia_sets(self, stage):
+    """R's train set (members) and test set (non-members); F's train set (target)."""
+    del stage
+    return {"member": self.sets["retain"]["train"], "nonmember": self.sets["retain"]["test"],
+            "target": self.sets["forget"]["train"]}
+
 
 def plot(results: dict, run_dir: str) -> None:
   """accuracy.png (R/F/L after each stage) and lora_blocks.png (per-block norms)."""
@@ -230,7 +241,7 @@ def plot(results: dict, run_dir: str) -> None:
   ax.legend(fontsize=8)
   ax.set_title("accuracy before and after each stage")
   fig.tight_layout()
-  fig.savefig(f"{run_dir}/accuracy.png", dpi=120)
+  workdir.save_figure(fig, f"{run_dir}/accuracy.png")
   plt.close(fig)
   fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
   for when, rows in results["blocks"].items():
@@ -245,5 +256,5 @@ def plot(results: dict, run_dir: str) -> None:
     a.set_xlabel("transformer block")
     a.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(f"{run_dir}/lora_blocks.png", dpi=120)
+  workdir.save_figure(fig, f"{run_dir}/lora_blocks.png")
   plt.close(fig)

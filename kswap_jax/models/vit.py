@@ -7,13 +7,17 @@ Parameter tree::
                               LayerNorm_1, MlpBlock_0/{Dense_0, Dense_1}
   Transformer/encoder_norm    [pre_logits/{kernel, bias}]    head/{kernel (D, K), bias (K,)}
 
-Pre-LayerNorm blocks (eps 1e-6), CLS-token classifier, dropout after the embeddings, after
-attention and inside the MLP. GELU, dropout, attention and the patch embedding are the faster
-equivalents of the stock ops in `fast_ops`.
+Pre-LayerNorm blocks, CLS-token classifier, dropout after the embeddings, after attention and
+inside the MLP. GELU, dropout, attention and the patch embedding are the faster equivalents of
+the stock ops in `fast_ops`. Defaults follow vision_transformer / big_vision (LayerNorm eps 1e-6,
+attention logits scaled by head_dim^-0.5, query/key/value biases, no position embedding on the
+class token); `attention_scale`, `layernorm_eps`, `qkv_bias` and `class_posemb` select other
+models' choices (e.g. the GS-LoRA face ViT), with `pos_embedding` then (1, 1+N, D).
 """
 from __future__ import annotations
 
 import functools
+import math
 import re
 from typing import Any
 
@@ -50,6 +54,7 @@ def get_variant(name: str) -> dict[str, Any]:
 
 ATTENTION = ("einsum", "cudnn")
 GELU = ("exact", "tanh")
+ATTENTION_SCALE = ("head", "width")
 
 
 class Attention(nn.Module):
@@ -58,10 +63,14 @@ class Attention(nn.Module):
   x (B, T, D) -> (B, T, D); query/key/value kernels (D, N, D/N), out kernel (N, D/N, D).
   impl: "einsum" (`fast_ops.einsum_attention`, every backend) or "cudnn" (the cuDNN flash kernel of
   `jax.nn.dot_product_attention`; NVIDIA GPUs, bfloat16 / float16 only).
+  scale: logits q.k times "head" head_dim^-0.5 or "width" D^-0.5.
+  qkv_bias: whether query/key/value have biases (the out projection always has one).
   """
   num_heads: int
   impl: str = "einsum"
   dtype: Any = jnp.float32
+  scale: str = "head"
+  qkv_bias: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -70,8 +79,11 @@ class Attention(nn.Module):
                               kernel_init=nn.initializers.xavier_uniform())
     # Projections act on one (B*T, D) token matrix: 2-D matmuls are XLA:CPU's fastest.
     tokens = x.reshape(b * t, d)
-    q, k, v = (dense((self.num_heads, d // self.num_heads), name=n)(tokens).reshape(
-        b, t, self.num_heads, -1) for n in ("query", "key", "value"))
+    h = d // self.num_heads
+    q, k, v = (dense((self.num_heads, h), use_bias=self.qkv_bias, name=n)(tokens).reshape(
+        b, t, self.num_heads, h) for n in ("query", "key", "value"))
+    if self.scale == "width":  # both kernels divide by sqrt(h): q * sqrt(h / D) makes it sqrt(D)
+      q = q * jnp.asarray(math.sqrt(h / d), q.dtype)
     if self.impl == "cudnn":
       out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     else:
@@ -113,14 +125,17 @@ class EncoderBlock(nn.Module):
   attention: str = "einsum"
   dtype: Any = jnp.float32
   gelu: str = "exact"
+  attention_scale: str = "head"
+  layernorm_eps: float = 1e-6
+  qkv_bias: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool):
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
-    y = Attention(self.num_heads, self.attention, self.dtype,
-                  name="MultiHeadDotProductAttention_0")(y)
+    y = nn.LayerNorm(epsilon=self.layernorm_eps, dtype=self.dtype)(x)
+    y = Attention(self.num_heads, self.attention, self.dtype, self.attention_scale,
+                  self.qkv_bias, name="MultiHeadDotProductAttention_0")(y)
     x = x + fast_ops.Dropout(self.dropout)(y, deterministic=not train)
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
+    y = nn.LayerNorm(epsilon=self.layernorm_eps, dtype=self.dtype)(x)
     return x + MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.gelu)(y, train)
 
 
@@ -132,13 +147,17 @@ class Encoder(nn.Module):
   attention: str = "einsum"
   dtype: Any = jnp.float32
   gelu: str = "exact"
+  attention_scale: str = "head"
+  layernorm_eps: float = 1e-6
+  qkv_bias: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool):
     for i in range(self.depth):
       x = EncoderBlock(self.mlp_dim, self.num_heads, self.dropout, self.attention, self.dtype,
-                       self.gelu, name=f"encoderblock_{i}")(x, train)
-    return nn.LayerNorm(epsilon=1e-6, name="encoder_norm", dtype=self.dtype)(x)
+                       self.gelu, self.attention_scale, self.layernorm_eps, self.qkv_bias,
+                       name=f"encoderblock_{i}")(x, train)
+    return nn.LayerNorm(epsilon=self.layernorm_eps, name="encoder_norm", dtype=self.dtype)(x)
 
 
 class PatchEmbedding(nn.Module):
@@ -161,10 +180,14 @@ class PatchEmbedding(nn.Module):
 
 
 class ViT(nn.Module):
-  """ViT classifier: images (B, H, W, C) -> logits (B, num_classes).
+  """ViT classifier: images (B, H, W, C) -> float32 logits (B, num_classes).
+
+  dtype: what activations and matmuls compute in (float32 or bfloat16); parameters are float32
+  whatever it is, cast at use. The embedding is cast to float32 and the head computes in float32.
 
   With `return_embedding=True` returns (logits, embedding (B, D')) where the embedding is the
-  pre-logit CLS feature that the head reads.
+  pre-logit CLS feature that the head reads. class_posemb: `pos_embedding` (1, 1+N, D) is added
+  to the class token too (else (1, N, D), patches only; the same functions either way).
   """
   num_classes: int
   patch_size: int = 16
@@ -177,6 +200,10 @@ class ViT(nn.Module):
   attention: str = "einsum"
   dtype: Any = jnp.float32
   gelu: str = "exact"
+  attention_scale: str = "head"
+  layernorm_eps: float = 1e-6
+  qkv_bias: bool = True
+  class_posemb: bool = False
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_embedding: bool = False):
@@ -184,19 +211,25 @@ class ViT(nn.Module):
     x = PatchEmbedding(self.width, p, self.dtype, name="embedding")(images.astype(self.dtype))
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
-    pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1, h * w, d))
-    x = x + pos.astype(self.dtype)
-    cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
-    x = jnp.concatenate([jnp.tile(cls.astype(self.dtype), (b, 1, 1)), x], axis=1)
+    rows = int(self.class_posemb)
+    pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
+                     (1, rows + h * w, d)).astype(self.dtype)
+    x = x + pos[:, rows:]
+    cls = self.param("cls", nn.initializers.zeros, (1, 1, d)).astype(self.dtype)
+    if self.class_posemb:
+      cls = cls + pos[:, :1]
+    x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)), x], axis=1)
     x = fast_ops.Dropout(self.dropout)(x, deterministic=not train)
     x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.attention,
-                self.dtype, self.gelu, name="Transformer")(x, train)
+                self.dtype, self.gelu, self.attention_scale, self.layernorm_eps, self.qkv_bias,
+                name="Transformer")(x, train)
     emb = x[:, 0]
     if self.representation_size:
       emb = nn.tanh(nn.Dense(self.representation_size, name="pre_logits", dtype=self.dtype)(emb))
+    emb = emb.astype(jnp.float32)  # the head, the losses and argmax see float32
     logits = nn.Dense(self.num_classes, name="head", kernel_init=nn.initializers.zeros,
-                      dtype=self.dtype)(emb).astype(jnp.float32)
-    return (logits, emb.astype(jnp.float32)) if return_embedding else logits
+                      dtype=jnp.float32)(emb)
+    return (logits, emb) if return_embedding else logits
 
 
 def make_model(cfg) -> ViT:
@@ -216,9 +249,21 @@ def make_model(cfg) -> ViT:
   if attention == "cudnn" and (jax.default_backend() != "gpu" or dtype == jnp.float32):
     raise UserError("model.attention='cudnn' needs an NVIDIA GPU and model.dtype='bfloat16'; "
                     "use 'einsum' elsewhere")
+  scale = cfg.get("attention_scale", "head")
+  if scale not in ATTENTION_SCALE:
+    raise UserError(f"model.attention_scale={scale!r} is not allowed; use one of "
+                    f"{ATTENTION_SCALE}")
+  eps = cfg.get("layernorm_eps", 1e-6)
+  if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+    raise UserError(f"model.layernorm_eps={eps!r} must be a number in (0, 1), e.g. 1e-6")
+  flags = {k: cfg.get(k, default) for k, default in (("qkv_bias", True), ("class_posemb", False))}
+  for k, v in flags.items():
+    if not isinstance(v, bool):
+      raise UserError(f"model.{k}={v!r} must be True or False")
   return ViT(num_classes=cfg.num_classes, dropout=cfg.get("dropout", 0.0),
              representation_size=cfg.get("representation_size") or None, attention=attention,
-             dtype=dtype, gelu=gelu, **kw)
+             dtype=dtype, gelu=gelu, attention_scale=scale, layernorm_eps=float(eps), **flags,
+             **kw)
 
 
 def init_params(model: ViT, rng: jax.Array, image_shape: tuple[int, int, int]):

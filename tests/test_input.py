@@ -1,0 +1,240 @@
+"""Reading real datasets: the label index, TFRecord datasets, evaluation resizing, training
+augmentation (seeded per step and slot), the image cache budget and decoding threads."""
+import io
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core.data_sources import array_record
+from PIL import Image
+
+from kswap_jax import builders, config_lib, sharding
+from kswap_jax.data import label_index, pipeline, sources
+from kswap_jax.errors import UserError
+
+
+class StripedJpegs(tfds.core.GeneratorBasedBuilder):
+  """30 JPEG images of several sizes, labels 0-2 (8 of each in train)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+        "label": tfds.features.ClassLabel(num_classes=3)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(range(24)), "test": self._generate_examples(
+        range(24, 30))}
+
+  def _generate_examples(self, ids):
+    rng = np.random.default_rng(0)
+    for i in ids:
+      buf = io.BytesIO()  # encoded here: TFDS encodes arrays with TensorFlow
+      h, w = 20 + 2 * (i % 5), 28 - 2 * (i % 4)
+      Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)).save(buf, format="JPEG")
+      yield i, {"image": buf.getvalue(), "label": i % 3}
+
+
+@pytest.fixture
+def jpegs(tmp_path):
+  """A prepared array_record dataset in tmp_path/tfds; its data dir."""
+  StripedJpegs(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+  return str(tmp_path / "tfds")
+
+
+def _count_reads(monkeypatch) -> list:
+  """Records read from any array_record data source from now on (their indices)."""
+  reads = []
+  get = array_record.ArrayRecordDataSource.__getitem__
+  monkeypatch.setattr(array_record.ArrayRecordDataSource, "__getitem__",
+                      lambda self, i: reads.append(i) or get(self, i))
+  return reads
+
+
+def test_labels_are_read_once_and_kept_beside_the_data(jpegs, monkeypatch, tmp_path):
+  monkeypatch.setenv("KSWAP_CACHE", str(tmp_path / "cache"))
+  builder = StripedJpegs(data_dir=jpegs)
+  truth = {s: [r["label"] for r in builder.as_data_source(s)] for s in ("train", "test")}
+  reads = _count_reads(monkeypatch)
+  first = sources.open_source("striped_jpegs", "train", jpegs)
+  assert len(reads) >= 24 and first.labels.tolist() == truth["train"]
+  kept = tmp_path / "tfds/striped_jpegs/1.0.0/kswap_labels_train.npy"
+  assert kept.exists() and not (tmp_path / "cache").exists()
+  reads.clear()
+  again = sources.open_source("striped_jpegs", "train", jpegs)
+  assert not reads  # no record read: the labels come from the file
+  np.testing.assert_array_equal(again.labels, first.labels)
+  # Slices and sums of splits take their labels from the whole splits' files.
+  sub = sources.open_source("striped_jpegs", "train[20:]+test[:2]", jpegs)
+  assert sub.labels.tolist() == truth["train"][20:] + truth["test"][:2]
+  assert sub.image(0).shape == first.image(20).shape  # the same records, in order
+  reads.clear()
+  sources.open_source("striped_jpegs", "test", jpegs)
+  assert not reads
+
+
+def test_labels_of_an_unwritable_data_dir_go_to_the_cache(jpegs, monkeypatch, tmp_path):
+  monkeypatch.setenv("KSWAP_CACHE", str(tmp_path / "cache"))
+  (tmp_path / "file").write_text("")  # no folder can be made below a file, even by root
+  where = label_index._locations  # pylint: disable=protected-access
+  monkeypatch.setattr(label_index, "_locations", lambda *a: [
+      label_index.paths.of(tmp_path / "file" / "x.npy"), where(*a)[1]])
+  sources.open_source("striped_jpegs", "train", jpegs)
+  assert (tmp_path / "cache/striped_jpegs/1.0.0/kswap_labels_train.npy").exists()
+  reads = _count_reads(monkeypatch)
+  sources.open_source("striped_jpegs", "train", jpegs)
+  assert not reads
+
+
+def test_a_stale_label_file_is_read_again(jpegs):
+  path = label_index.paths.of(jpegs) / "striped_jpegs/1.0.0/kswap_labels_train.npy"
+  sources.open_source("striped_jpegs", "train", jpegs)
+  with label_index.workdir.atomic_file(os.fspath(path), "wb") as f:
+    np.save(f, np.zeros(5, np.int64))
+  labels = sources.open_source("striped_jpegs", "train", jpegs).labels
+  assert labels.shape == (24,) and np.bincount(labels).tolist() == [8, 8, 8]
+
+
+def test_tfrecord_datasets_are_refused_with_the_conversion_command(jpegs):
+  info_path = os.path.join(jpegs, "striped_jpegs/1.0.0/dataset_info.json")
+  with open(info_path) as f:
+    info = json.load(f)
+  info["fileFormat"] = "tfrecord"
+  with open(info_path, "w") as f:
+    json.dump(info, f)
+  with pytest.raises(UserError, match=r"stored as tfrecord files.*tfds convert_format "
+                     r"--dataset_version_dir=\S+striped_jpegs/1.0.0 "
+                     r"--out_file_format=array_record"):
+    sources.open_source("striped_jpegs", "train", jpegs)
+
+
+def test_resize_shorter_side_then_centre_crop():
+  image = np.zeros((40, 80, 3), np.uint8)
+  image[:, 20:60] = 255  # the middle half of the width is white
+  out = pipeline.resize(image, 16, 3, shorter=20)  # 40x80 -> 20x40, centre 16x16
+  assert out.shape == (16, 16, 3) and (out > 250).all()
+  squashed = pipeline.resize(image, 16, 3)  # straight to 16x16: the black sides remain
+  assert squashed[:, 0].max() < 5 and squashed[:, 8].min() > 250
+  tall = pipeline.resize(np.zeros((90, 30, 1), np.uint8), 8, 1, shorter=10)
+  assert tall.shape == (8, 8, 1)
+  with pytest.raises(UserError, match="data.resize=6 is below data.image_size=8"):
+    src = sources.open_source("sklearn_digits", "test")
+    pipeline.select(src, [0], [0], image_size=8, channels=1, resize=6)
+
+
+def _set(augment, cache=True, workers=0):
+  src = sources.open_source("sklearn_digits", "train")
+  return pipeline.select(src, [3, 4], [0, 1], image_size=12, channels=1, cache=cache,
+                         augment=augment, workers=workers)
+
+
+def test_training_augmentation_is_a_function_of_seed_step_and_slot():
+  aug = pipeline.Augment("random_resized", 0.3, flip=True)
+  ex = _set(aug)
+  s = pipeline.EpochSampler(len(ex), 8, seed=2)
+  mesh = sharding.make_mesh()
+  put = sharding.data_sharding(mesh)
+  b5 = np.asarray(pipeline.batch(ex, s.positions(5), put)["images"])
+  # The same step again, and a "resumed" sampler and set: the same images.
+  np.testing.assert_array_equal(b5, np.asarray(pipeline.batch(ex, s.positions(5), put)["images"]))
+  resumed, fresh_set = pipeline.EpochSampler(len(ex), 8, seed=2), _set(aug, cache=False, workers=2)
+  np.testing.assert_array_equal(
+      b5, np.asarray(pipeline.batch(fresh_set, resumed.positions(5), put)["images"]))
+  # Augmented: not the evaluation images; another step of the same positions differs.
+  pos = s.positions(5)
+  assert not np.array_equal(b5, ex.images(np.asarray(pos)))
+  later = pos.view(np.ndarray).view(pipeline.Positions)
+  later.key = (2, 5 + s.steps_per_epoch)
+  assert not np.array_equal(b5, np.asarray(pipeline.batch(ex, later, put)["images"]))
+  # A plain array of positions is not augmented; without augmentation nothing changes.
+  np.testing.assert_array_equal(
+      np.asarray(pipeline.batch(ex, np.asarray(pos).copy(), put)["images"]),
+      ex.images(np.asarray(pos)))
+  plain = _set(pipeline.Augment())
+  np.testing.assert_array_equal(np.asarray(pipeline.batch(plain, pos, put)["images"]),
+                                plain.images(np.asarray(pos)))
+
+
+def test_flip_only_mirrors_the_evaluation_image():
+  ex = _set(pipeline.Augment(flip=True))
+  pos = pipeline.EpochSampler(len(ex), 64, seed=0).positions(0)
+  out = ex.train_images(np.asarray(pos), pos.key, np.arange(64))
+  ref = ex.images(np.asarray(pos))
+  flipped = [not np.array_equal(o, r) for o, r in zip(out, ref)]
+  np.testing.assert_array_equal(out[flipped], ref[flipped][:, :, ::-1])
+  assert 10 < sum(flipped) < 54
+
+
+def test_crop_boxes_fit_and_follow_the_area_bounds():
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    left, top, right, bottom = pipeline.crop_box(rng, 30, 50, 0.2)
+    assert 0 <= left < right <= 50 and 0 <= top < bottom <= 30
+    area = (right - left) * (bottom - top) / (30 * 50)
+    assert 0.15 <= area <= 1.0
+    assert 0.7 <= (right - left) / (bottom - top) <= 1.4
+
+
+def test_union_of_sets_reads_through_its_parts():
+  aug = pipeline.Augment("random_resized", 0.3, flip=True)
+  a, b = _set(aug), _set(aug)
+  both = pipeline.concat(a, b)
+  np.testing.assert_array_equal(both.decoded(len(a) + 1), b.decoded(1))
+  pos = np.array([0, len(a) + 1])
+  np.testing.assert_array_equal(both.images(pos), np.concatenate(
+      [a.images(np.array([0])), b.images(np.array([1]))]))
+  assert both.train_images(pos, (0, 0), np.arange(2)).shape == (2, 12, 12, 1)
+  with pytest.raises(ValueError, match="read differently"):
+    pipeline.concat(a, _set(pipeline.Augment()))
+
+
+def test_cache_budget_and_config_options():
+  src = sources.open_source("sklearn_digits", "train")
+  n = int(np.isin(src.labels, [3, 4]).sum())
+  fits = pipeline.select(src, [3, 4], [0, 1], image_size=8, channels=1, cache=n * 64)
+  over = pipeline.select(src, [3, 4], [0, 1], image_size=8, channels=1, cache=n * 64 - 1)
+  assert fits.cache and not over.cache and over._cache is None  # pylint: disable=protected-access
+  data = config_lib.digits_data()
+  opts = builders.read_options(data)  # the digits' defaults: today's reading
+  assert opts == dict(cache=True, resize=0, augment=pipeline.Augment(), workers=0)
+  data = config_lib.imagenet_data(224)
+  data.update(cache_budget_gb=0.5, resize=256, train_crop="random_resized", flip=True)
+  opts = builders.read_options(data)
+  assert opts["cache"] == 2**29 and opts["resize"] == 256
+  assert opts["augment"] == pipeline.Augment("random_resized", 0.08, True)
+  for field, value, msg in (("cache_images", "sometimes", "use True, False or 'auto'"),
+                            ("train_crop", "centre", "data.train_crop='centre'"),
+                            ("workers", -1, "must be >= 0")):
+    bad = ml_collections.ConfigDict({**config_lib.digits_data().to_dict(), field: value})
+    with pytest.raises(UserError, match=msg):
+      builders.read_options(bad)
+
+
+def test_paper_configs_read_images_as_the_authors_do():
+  load = lambda name, arg="": config_lib.load(  # noqa: E731
+      os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py"), arg)
+  gs_lora = load("forget_imagenet100").data
+  assert (gs_lora.resize, gs_lora.image_size, gs_lora.train_crop, gs_lora.flip) == (
+      256, 224, "none", False)
+  swap = load("swap_imagenet100").data
+  assert (swap.resize, swap.train_crop, swap.flip) == (0, "none", False)
+  faces = load("forget_faces", "data=/faces").data
+  assert (faces.resize, faces.train_crop, faces.flip) == (0, "none", False)
+  dispose = load("dispose_cifar10", "checkpoint=/x.npz").data
+  assert (dispose.train_crop, dispose.flip) == ("random_resized", True)
+  for data in (gs_lora, swap, dispose):
+    assert data.cache_images == "auto"
+
+
+def test_decoding_threads_give_the_same_images():
+  aug = pipeline.Augment("random_resized", 0.3, flip=True)
+  pos = np.arange(20)
+  one, four = _set(aug, cache=False), _set(aug, cache=False, workers=4)
+  np.testing.assert_array_equal(one.train_images(pos, (1, 3), pos),
+                                four.train_images(pos, (1, 3), pos))
+  np.testing.assert_array_equal(one.images(pos), four.images(pos))
