@@ -51,7 +51,7 @@ def get_config(arg=None):
   # alpha held at 0 for 5 epochs: with alpha from the first step (the authors' scripts), AdamW
   # drives the LoRA's A to 0 before B grows (B starts at 0, so A sees only the penalty's
   # gradient) and no task forgets anything (H 0 in every task with
-  # `--config.train.warmup_epochs=0`).
+  # `--config.train.warmup_epochs=0`: experiments/results/forget_digits_no_alpha_warmup.json).
   # The authors' (config_lib.GS_LORA_SETTINGS): BND_pro 18 and w_r 0 (util/args.py defaults),
   # AdamW, cosine lr 1e-2 -> 1e-5, weight decay 0.05.
   c.weights = ml_collections.ConfigDict(dict(
