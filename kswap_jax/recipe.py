@@ -65,8 +65,9 @@ class Stage:
   context(state): what the loss reads from the state as batches["ctx"].
   begin(member, state) -> state: when the stage starts fresh; end(member, state): when it ends
   (may run again on resume); select(member, state) -> state after each step s with
-  select_at(s) (model selection, weight averaging). shared: the stage depends on no key a study varies, so a
-  study trains it once, in a run of its own, and its members start from the result.
+  select_at(s) (model selection, weight averaging). shared: the stage depends on no key a
+  study varies, so a study trains it once, in a run of its own, and its members start from
+  the result.
   """
   name: str
   num_steps: int
