@@ -28,7 +28,8 @@ from kswap_jax.methods import swap
 from kswap_jax.models import vit
 from kswap_jax.progress import table
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sharding_cost.json")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join("benchmarks", "results", "sharding_cost.json")
 FSDP_RULES = (
     (r".*/MlpBlock_0/Dense_0/kernel", (None, "fsdp")),
     (r".*/MlpBlock_0/Dense_1/kernel", ("fsdp", None)),
@@ -88,7 +89,7 @@ def main():
   p.add_argument("--batches", default="80,8", help="per set; the step sees retain + learn")
   p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--rank", type=int, default=8)
-  p.add_argument("--out", default=OUT)
+  p.add_argument("--out", default=OUT, help="relative to the repository")
   args = p.parse_args()
   if jax.device_count() != 8:
     raise SystemExit(f"needs 8 devices, found {jax.device_count()}; set "
@@ -108,7 +109,7 @@ def main():
         print(rows[-1], flush=True)
   result = {"backend": jax.default_backend(), "devices": jax.device_count(),
             "jax": jax.__version__, "config": vars(args), "rows": rows}
-  workdir.write_json(args.out, result)
+  workdir.write_json(os.path.join(REPO, args.out), result)
   print(table(rows, ["model", "batch", "sharding", "gflops_per_device", "argument_mib",
                      "temp_mib", "peak_mib"]))
   print(f"wrote {args.out}")

@@ -9,6 +9,7 @@ import ml_collections
 from kswap_jax import checkpoints, config_lib, npz, torch_import, train
 from kswap_jax.data import pipeline, sources
 from kswap_jax.errors import UserError
+from kswap_jax.models import dense as dense_models
 from kswap_jax.models import vit
 
 
@@ -106,7 +107,9 @@ def network(config: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigD
   lora = config.get("lora")
   scale = lora.alpha / lora.rank if lora else 1.0
   stat = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (hashable)
-  return train.Network(vit.make_model(model_cfg), lora_scale=scale, mean=stat(config.data.mean),
+  model = (dense_models.make_model(model_cfg) if model_cfg.get("task")
+           else vit.make_model(model_cfg))
+  return train.Network(model, lora_scale=scale, mean=stat(config.data.mean),
                        std=stat(config.data.std), rng_impl=config.get("rng_impl", "threefry2x32"))
 
 

@@ -1,6 +1,8 @@
 """orbax checkpoints of a run: the train state every N steps, and exported models.
 
-  workdir/checkpoints/<step> train-state checkpoints (last K kept), to resume a run
+  workdir/checkpoints/<step> train-state checkpoints (last K kept), to resume a run: the state
+                             (item "default") and the input iterator's state (item "input",
+                             grain's per-process JSON; absent in older checkpoints)
   workdir/model/             exported model: params (orbax) + model.json (config, classes)
 
 Folders are local paths or bucket URLs (`kswap_jax.paths`; orbax takes `epath.Path`s). orbax
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import grain.checkpoint
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -19,13 +22,16 @@ from kswap_jax.errors import UserError
 
 
 class Checkpoints:
-  """orbax CheckpointManager for the train state: save every N steps, keep K, resume."""
+  """orbax CheckpointManager for the train state and the input iterator: save every N steps,
+  keep K, resume."""
 
   def __init__(self, directory: str, every_steps: int, keep: int):
     self.every = every_steps
     self.manager = ocp.CheckpointManager(
         paths.of(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_handlers={"default": ocp.StandardCheckpointHandler(),
+                       "input": grain.checkpoint.CheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -40,7 +46,8 @@ class Checkpoints:
     failed = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            default=ocp.args.StandardRestore(target)))["default"]
       except Exception as e:  # pylint: disable=broad-except
         failed.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
         continue
@@ -71,9 +78,27 @@ class Checkpoints:
     return ((force or bool(self.every and step % self.every == 0))
             and self.manager.latest_step() != step)
 
-  def maybe_save(self, step: int, state, force: bool = False) -> None:
+  def restore_input(self, step: int, iterator: grain.DatasetIterator) -> bool:
+    """Sets `iterator` to the input state saved at `step`; False (iterator unchanged) when no
+    checkpoint of `step` has one (it was written before input states were, or by another
+    process count)."""
+    if step not in self.manager.all_steps() or "input" not in self.manager.item_metadata(step):
+      return False
+    try:
+      self.manager.restore(step, args=ocp.args.Composite(
+          input=grain.checkpoint.CheckpointRestore(iterator)))
+    except ValueError:  # grain's "File ... does not exist": no file of this process count
+      return False
+    return True
+
+  def maybe_save(self, step: int, state, force: bool = False,
+                 iterator: grain.DatasetIterator | None = None) -> None:
+    """Saves `state` (and the input `iterator`'s state, if given) when due."""
     if self.due(step, force):
-      self.manager.save(step, args=ocp.args.StandardSave(state))
+      items = {"default": ocp.args.StandardSave(state)}
+      if iterator is not None:
+        items["input"] = grain.checkpoint.CheckpointSave(iterator)
+      self.manager.save(step, args=ocp.args.Composite(**items))
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -72,6 +72,8 @@ _INT_NONNEGATIVE = (True, ">= 0", lambda x: x >= 0)
 _POSITIVE = (False, "> 0", lambda x: x > 0)
 _NONNEGATIVE = (False, ">= 0", lambda x: x >= 0)
 _RULES = {
+    **dict.fromkeys(("max_objects", "decoder_depth", "pixel_dim"),
+                    _INT_POSITIVE),
     **dict.fromkeys(("batch_size", "eval_batch_size", "source_batch_size", "image_size",
                      "channels", "rank", "num_splits", "steps", "num_tasks", "per_task", "keep",
                      "log_every", "eval_every_epochs", "epochs"), _INT_POSITIVE),
@@ -131,6 +133,71 @@ def digits_data(image_size: int = 8) -> ml_collections.ConfigDict:
       dataset="sklearn_digits", train_split="train", test_split="test", data_dir="",
       image_size=image_size, channels=1, mean=0.5, std=0.5, eval_batch_size=512,
       image_key="image", label_key="label", **READ_DEFAULTS))
+
+
+def scenes_data(task: str) -> ml_collections.ConfigDict:
+  """The embedded digit scenes (`digit_scenes`, 32x32 grey) with the targets of `task`:
+  boxes and classes (detection; at most 3 objects a scene) or the class mask (segmentation)."""
+  d = digits_data(image_size=32)
+  d.update(dataset="digit_scenes", eval_batch_size=128)
+  if task == "detection":
+    d.update(boxes_key="boxes", classes_key="classes", max_objects=3)
+  else:
+    d.update(mask_key="mask", mask_zero="background")
+  return d
+
+
+SCENES_SETS = {"retain": "0-5", "forget": "6,7", "learn": "8,9"}  # ours: the scenes' split
+
+
+def scenes_swap(task: str, a: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A swap of digit scenes (`SCENES_SETS`) for a detector or segmenter that the config
+  pretrains on the retain + forget classes (configs/pretrain_scenes.py); LoRA on the FFN
+  layers of backbone and decoder (the authors' `--lora_pos FFN`). a: order, seed, runlocal."""
+  from kswap_jax.models import dense  # pylint: disable=g-import-not-at-top
+  here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+  c = ml_collections.ConfigDict()
+  c.seed, c.order = a.seed, a.order
+  c.data = scenes_data(task)
+  c.sets = ml_collections.ConfigDict({name: dict(
+      dataset="digit_scenes", classes=classes, fraction=1.0, per_class=0, seed=1337)
+      for name, classes in SCENES_SETS.items()})
+  c.model = ml_collections.ConfigDict(dict(dropout=0.0, dtype="float32", attention="einsum"))
+  c.init = ml_collections.ConfigDict(dict(checkpoint="", pretrain=load(
+      os.path.join(here, "pretrain_scenes.py"),
+      f"task={task},classes=0-7,seed={a.seed}" + (",runlocal" if a.runlocal else ""))))
+  c.lora = lora(rank=8, alpha=1.0, a_init="small")
+  c.lora.targets = dense.DENSE_FFN_TARGETS
+  c.head = "train"            # the class head's columns train with the LoRA (ours)
+  c.sparse_group = "block"
+  c.weights = ml_collections.ConfigDict(dict(
+      learn=1.0, retain_in_learn=1.0, retain=1.0, forget=0.2, bound=15.0, sparse=0.005))
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=32, lr=3e-3, lr_end=1e-5, weight_decay=0.05,
+      epochs=ml_collections.ConfigDict(dict(learn=8, forget=4, swap=8))))
+  if a.runlocal:
+    c.train.epochs.update(learn=1, forget=1, swap=1)
+    c.train.batch_size = 16
+    c.data.eval_batch_size = 64
+  return common(c, a.runlocal)
+
+
+def tfds_swap(task: str, a: ml_collections.ConfigDict, data: ml_collections.ConfigDict,
+              model: dict) -> ml_collections.ConfigDict:
+  """`scenes_swap`'s recipe on a TFDS dataset: `data` (its keys), `model` (variant, decoder)
+  for the pretraining on a.retain + a.forget; sets a.retain / a.forget / a.learn."""
+  c = scenes_swap(task, a)
+  c.data = data
+  for name in SCENES_SETS:
+    c.sets[name].update(dataset=data.dataset, classes=a[name])
+  pre = c.init.pretrain
+  pre.data = ml_collections.ConfigDict(data.to_dict())
+  pre.data.update(classes=f"{a.retain},{a.forget}", fraction=1.0, per_class=0)
+  pre.model.update(model)
+  if not a.runlocal:
+    pre.train.update(epochs=50, batch_size=64, lr=1e-4)
+    c.train.update(batch_size=16, lr=1e-3)
+  return c
 
 
 # torchvision's ImageNet channel statistics (its ViT weights expect them): (mean, std).

@@ -1,4 +1,8 @@
-"""The training loop: a sequence of stages, checkpointed and resumable at any step."""
+"""The training loop: a sequence of stages, checkpointed and resumable at any step.
+
+A stage's batches come through a grain iterator (`kswap_jax.data.loader`), made ahead of the
+step by `workers` threads; its state is saved with each checkpoint and restored on resume.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from kswap_jax.checkpoints import Checkpoints
+from kswap_jax.data import loader
 from kswap_jax.errors import UserError
 from kswap_jax.metrics_log import MetricsLog
 from kswap_jax.progress import Progress, say
@@ -34,7 +39,8 @@ class Stage:
 
 
 def run(state: State, stages: list[Stage], ckpts: Checkpoints, workdir: str,
-        log_every: int, stop_nonfinite: bool = True, log: MetricsLog | None = None) -> State:
+        log_every: int, stop_nonfinite: bool = True, log: MetricsLog | None = None,
+        workers: int = 0) -> State:
   """Runs the stages from the latest checkpoint (or from the start) and returns the state.
 
   stop_nonfinite: stop with a `Diverged` error when a logged loss is not finite, and never
@@ -42,6 +48,8 @@ def run(state: State, stages: list[Stage], ckpts: Checkpoints, workdir: str,
   study, whose members may diverge alone, passes False.
   log: the run's metrics stream (default: a new one of `workdir`), rewound to the restored
   step, its step (counted across stages) and stage kept current; closed at the end.
+  workers: threads making each stage's batches ahead of its step (`loader.iterate`); the
+  batches, and so the result, are the same for any number.
   """
   log = log or MetricsLog(workdir)
   try:
@@ -64,14 +72,19 @@ def run(state: State, stages: list[Stage], ckpts: Checkpoints, workdir: str,
         state = st.begin({**state, "stage_step": jnp.zeros_like(state["stage_step"])})
       if done < end:
         progress = Progress(log, st.num_steps, log_every, stage=st.name)
-        for g in range(max(done, offset), end):
-          state, metrics = st.step(state, st.batches(g - offset))
-          state = st.after(state, g - offset)
-          log.step = g + 1
-          logged = progress(g - offset + 1, metrics)
-          if stop_nonfinite and logged is not None and not math.isfinite(logged["loss"]):
-            raise Diverged(st.name, g - offset + 1, st.num_steps, logged, ckpts.latest_step())
-          _save(ckpts, g + 1, state, g + 1 == end, stop_nonfinite, st, g - offset + 1)
+        batches = _batches(st, ckpts, max(done, offset) - offset, done, workers)
+        try:
+          for g in range(max(done, offset), end):
+            state, metrics = st.step(state, next(batches))
+            state = st.after(state, g - offset)
+            log.step = g + 1
+            logged = progress(g - offset + 1, metrics)
+            if stop_nonfinite and logged is not None and not math.isfinite(logged["loss"]):
+              raise Diverged(st.name, g - offset + 1, st.num_steps, logged, ckpts.latest_step())
+            _save(ckpts, g + 1, state, g + 1 == end, stop_nonfinite, st, g - offset + 1,
+                  batches)
+        finally:
+          batches.close()
         done = end
       log.step = end
       st.end(state)
@@ -102,14 +115,29 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def _batches(st: Stage, ckpts: Checkpoints, start: int, done: int, workers: int):
+  """The grain iterator of `st`'s batches from stage step `start`; resumed inside the stage
+  (start > 0), it takes the input state of checkpoint `done` where that has one, which must
+  be the step's."""
+  batches = loader.iterate(st.batches, st.num_steps, start, workers)
+  if start and ckpts.restore_input(done, batches) and batches.get_state() != loader.state_at(
+      start):
+    batches.close()
+    raise UserError(f"checkpoint {done} holds input state {batches.get_state()} for stage "
+                    f"{st.name}, but its train state is at step {start} of it; the checkpoint "
+                    "is not from this run: use a new --workdir")
+  return batches
+
+
 def _save(ckpts: Checkpoints, step: int, state: State, force: bool, stop_nonfinite: bool,
-          st: Stage, stage_step: int) -> None:
-  """A due checkpoint save; with stop_nonfinite, refuses to save non-finite params."""
+          st: Stage, stage_step: int, batches) -> None:
+  """A due checkpoint save, with the input iterator `batches`; with stop_nonfinite, refuses
+  to save non-finite params."""
   if not ckpts.due(step, force):
     return
   if stop_nonfinite and not bool(all_finite(state["trainable"])):
     raise Diverged(st.name, stage_step, st.num_steps, None, ckpts.latest_step())
-  ckpts.maybe_save(step, state, force)
+  ckpts.maybe_save(step, state, force, batches)
 
 
 def _say_resume(stages: list[Stage], done: int) -> None:

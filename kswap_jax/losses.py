@@ -31,10 +31,11 @@ def bounded_forget(logits: jax.Array, labels: jax.Array, bound) -> jax.Array:
 def group_key(path: str, group: str) -> str:
   """Group of a LoRA leaf "Transformer/encoderblock_3/MlpBlock_0/Dense_0/A".
 
-  block -> "encoderblock_3"; layer -> ".../Dense_0"; matrix -> the leaf path itself.
+  block -> "encoderblock_3" (a dense model's "decoderblock_0" likewise); layer ->
+  ".../Dense_0"; matrix -> the leaf path itself.
   """
   if group == "block":
-    m = re.search(r"encoderblock_\d+", path)
+    m = re.search(r"(?:en|de)coderblock_\d+", path)
     return m.group(0) if m else path.rpartition("/")[0]
   if group == "layer":
     return path.rpartition("/")[0]

@@ -142,8 +142,9 @@ def fit_members(one: int, two: int, n: int, budget: int, devices: int = 1) -> in
 
 
 def stack(items: list) -> Any:
-  """Per-member pytrees -> one pytree with a leading member axis (N, ...)."""
-  return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *items)
+  """Per-member pytrees -> one host pytree with a leading member axis (N, ...), stacked in
+  numpy: one transfer per member, not one dispatched op per leaf."""
+  return jax.tree_util.tree_map(lambda *x: np.stack(x), *jax.device_get(items))
 
 
 def stack_states(states: list[dict], member_params: str = "") -> dict:

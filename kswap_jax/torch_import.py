@@ -23,13 +23,14 @@ Reading `.pth` needs PyTorch and `.safetensors` the `safetensors` package: the `
 from __future__ import annotations
 
 import importlib
+import io
 import os
 import re
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from kswap_jax import npz, trees
+from kswap_jax import npz, paths, trees
 from kswap_jax.errors import UserError
 
 SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -125,19 +126,22 @@ def read_state(path: str) -> dict[str, np.ndarray]:
   A state dict nested under 'state_dict' or 'model' and a 'module.' prefix on every name
   (torch.nn.DataParallel) are unwrapped.
   """
-  if not os.path.isfile(path):
+  target = paths.of(path)
+  if not target.is_file():
     raise UserError(f"pretrained checkpoint not found: {path}")
+  # A local file is read in place; a bucket's is read into memory first.
+  source = os.fspath(target) if not paths.is_url(path) else io.BytesIO(target.read_bytes())
   if path.endswith(".safetensors"):
     st = _import("safetensors.numpy", "a .safetensors checkpoint")
     try:
-      state = st.load_file(path)
+      state = st.load_file(source) if isinstance(source, str) else st.load(source.getvalue())
     except Exception as e:  # pylint: disable=broad-except
       raise UserError(f"could not read {path} as .safetensors ({type(e).__name__}: "
                       f"{str(e)[:160]}); give a safetensors file of ViT weights") from None
   else:
     torch = _import("torch", "a .pth / .pt checkpoint")
     try:
-      obj = torch.load(path, map_location="cpu", weights_only=True)
+      obj = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # pylint: disable=broad-except
       raise UserError(f"could not read {path} as a PyTorch state dict ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:160]}); give a torch.save'd state dict of ViT "

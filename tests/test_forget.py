@@ -445,8 +445,8 @@ def test_resume_mid_sequence_equals_an_uninterrupted_run(digits_run, tmp_path):
   c.init.checkpoint = os.path.join(run_dir, "pretrain", "model")
   save = checkpoints.Checkpoints.maybe_save
 
-  def crash_after_step_5(self, step, state, force=False):
-    save(self, step, state, force)
+  def crash_after_step_5(self, step, state, force=False, iterator=None):
+    save(self, step, state, force, iterator)
     if step == 5:  # inside task 1 (steps 5-7)
       self.manager.wait_until_finished()
       raise _Interrupt

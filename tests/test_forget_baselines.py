@@ -294,8 +294,8 @@ def test_resume_mid_sequence_equals_an_uninterrupted_run(method, pretrained, sin
   c.checkpoint.every_steps = crash
   save = checkpoints.Checkpoints.maybe_save
 
-  def crash_after(self, step, state, force=False):
-    save(self, step, state, force)
+  def crash_after(self, step, state, force=False, iterator=None):
+    save(self, step, state, force, iterator)
     if step == crash:
       self.manager.wait_until_finished()
       raise _Interrupt

@@ -1,9 +1,14 @@
 """Reading real datasets: the label index, TFRecord datasets, evaluation resizing, training
-augmentation (seeded per step and slot), the image cache budget and decoding threads."""
+augmentation (seeded per step and slot), the image cache budget, decoding threads, and the
+grain loader (same batches with any worker count, its state in checkpoints)."""
 import io
 import json
 import os
+import shutil
 
+import chex
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -11,8 +16,8 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.data_sources import array_record
 from PIL import Image
 
-from kswap_jax import builders, config_lib, sharding
-from kswap_jax.data import label_index, pipeline, sources
+from kswap_jax import builders, checkpoints, config_lib, loop, sharding
+from kswap_jax.data import label_index, loader, pipeline, sources
 from kswap_jax.errors import UserError
 
 
@@ -238,3 +243,76 @@ def test_decoding_threads_give_the_same_images():
   np.testing.assert_array_equal(one.train_images(pos, (1, 3), pos),
                                 four.train_images(pos, (1, 3), pos))
   np.testing.assert_array_equal(one.images(pos), four.images(pos))
+
+
+def test_grain_loader_gives_the_same_batches_with_any_worker_count():
+  ex = _set(pipeline.Augment("random_resized", 0.3, flip=True), cache=False)
+  sampler = pipeline.EpochSampler(len(ex), 8, seed=1)
+  put = sharding.data_sharding(sharding.make_mesh())
+  batch_of = lambda s: pipeline.batch(ex, sampler.positions(s), put)  # noqa: E731
+  want = [np.asarray(batch_of(s)["images"]) for s in range(6)]
+  for workers in (0, 2):
+    for start in (0, 4):
+      it = loader.iterate(batch_of, 6, start, workers)
+      got = [np.asarray(b["images"]) for b in it]
+      assert len(got) == 6 - start and it.get_state() == loader.state_at(6)
+      for g, w in zip(got, want[start:]):
+        np.testing.assert_array_equal(g, w)
+      it.close()
+
+
+def _loop_run(run_dir: str, workers: int) -> dict:
+  """Two stages (5 and 4 steps) of an update that folds each augmented batch into the state
+  in order, through `loop.run`; the final state."""
+  ex = _set(pipeline.Augment("random_resized", 0.3, flip=True), cache=False)
+  put = sharding.data_sharding(sharding.make_mesh())
+
+  @jax.jit
+  def step(state, b):
+    w = 0.9 * state["trainable"]["w"] + jnp.mean(b["images"].astype(jnp.float32), 0)
+    return ({"step": state["step"] + 1, "stage_step": state["stage_step"] + 1,
+             "trainable": {"w": w}}, {"loss": jnp.mean(w)})
+
+  stages = []
+  for name, steps, seed in (("a", 5, 0), ("b", 4, 1)):
+    sampler = pipeline.EpochSampler(len(ex), 8, seed)
+    stages.append(loop.Stage(name, steps, step, lambda s, smp=sampler: pipeline.batch(
+        ex, smp.positions(s), put)))
+  state = {"step": jnp.zeros((), jnp.int32), "stage_step": jnp.zeros((), jnp.int32),
+           "trainable": {"w": jnp.zeros((12, 12, 1), jnp.float32)}}
+  return loop.run(state, stages, checkpoints.Checkpoints(os.path.join(run_dir, "ckpt"), 1, 3),
+                  run_dir, log_every=100, workers=workers)
+
+
+def _interrupted_at(run_dir: str, workers: int, step: int) -> None:
+  """`_loop_run` stopped once its checkpoint of `step` is written."""
+  save = checkpoints.Checkpoints.maybe_save
+
+  def stop_after(self, at, state, force=False, iterator=None):
+    save(self, at, state, force, iterator)
+    if at == step:
+      raise KeyboardInterrupt
+
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(checkpoints.Checkpoints, "maybe_save", stop_after)
+    with pytest.raises(KeyboardInterrupt):
+      _loop_run(run_dir, workers)
+
+
+def test_a_resumed_run_reads_the_batches_of_an_uninterrupted_one(tmp_path):
+  want = _loop_run(str(tmp_path / "full"), workers=0)["trainable"]["w"]
+  chex.assert_trees_all_equal(want, _loop_run(str(tmp_path / "threads_only"), 2)["trainable"]["w"])
+  _interrupted_at(str(tmp_path / "stopped"), 2, 7)  # inside stage b (steps 6-9)
+  saved = tmp_path / "stopped" / "ckpt" / "7" / "input" / "process_0-of-1.json"
+  assert json.loads(saved.read_text()) == loader.state_at(2)
+  for name, workers in (("threads", 2), ("old", 0), ("tampered", 0)):
+    shutil.copytree(tmp_path / "stopped", tmp_path / name)
+    saved = tmp_path / name / "ckpt" / "7" / "input"
+    if name == "old":  # a checkpoint written before input states were saved
+      shutil.rmtree(saved)
+    if name == "tampered":  # the saved state is read: one that disagrees is refused
+      (saved / "process_0-of-1.json").write_text(json.dumps(loader.state_at(1)))
+      with pytest.raises(UserError, match="holds input state .* at step 2 of it"):
+        _loop_run(str(tmp_path / name), workers)
+      continue
+    chex.assert_trees_all_equal(want, _loop_run(str(tmp_path / name), workers)["trainable"]["w"])

@@ -8,6 +8,7 @@ import chex
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
@@ -263,7 +264,8 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   ckpts = checkpoints.Checkpoints(str(tmp_path / "checkpoints"), 1, 5)
   assert ckpts.latest_step() is not None
   for step in ckpts.manager.all_steps():  # every kept checkpoint holds finite params
-    leaves = jax.tree.leaves(ckpts.manager.restore(step)["trainable"])
+    leaves = jax.tree.leaves(ckpts.manager.restore(step, args=ocp.args.Composite(
+        default=ocp.args.StandardRestore()))["default"]["trainable"])
     assert leaves and all(np.all(np.isfinite(x)) for x in leaves)
   ckpts.close()
   assert not workdir.finished(str(tmp_path))

@@ -102,3 +102,29 @@ def test_cli_keeps_a_bucket_workdir_and_makes_a_local_one_absolute(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, given], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert f"WORKDIR {expected}\n" in out.stdout, out.stderr[-2000:]
+
+
+def test_safetensors_weights_from_a_bucket(bucket, tmp_path):
+  st = pytest.importorskip("safetensors.numpy")
+  from kswap_jax import torch_import  # pylint: disable=g-import-not-at-top
+  tensors = {"head.weight": np.arange(12.0, dtype=np.float32).reshape(3, 4),
+             "head.bias": np.ones(3, np.float32)}
+  st.save_file(tensors, str(tmp_path / "m.safetensors"))
+  epath.Path("gs://b/w/m.safetensors").write_bytes((tmp_path / "m.safetensors").read_bytes())
+  local = torch_import.read_state(str(tmp_path / "m.safetensors"))
+  remote = torch_import.read_state("gs://b/w/m.safetensors")
+  assert sorted(remote) == sorted(tensors)
+  for k, v in local.items():
+    np.testing.assert_array_equal(remote[k], v)
+  with pytest.raises(torch_import.UserError, match="not found"):
+    torch_import.read_state("gs://b/w/missing.safetensors")
+
+
+def test_eval_finds_the_pretrain_run_beside_a_bucket_model(bucket):
+  from kswap_jax import runner  # pylint: disable=g-import-not-at-top
+  epath.Path("gs://b/run/pretrain/model").mkdir(parents=True)
+  epath.Path("gs://b/run/pretrain/model/model.json").write_text("{}")
+  config = ml_collections.ConfigDict(dict(init=dict(checkpoint="", pretrain=dict(seed=0))))
+  assert runner._eval_init(config, "gs://b/run/task_0") == "gs://b/run/pretrain"  # pylint: disable=protected-access
+  with pytest.raises(runner.UserError, match="no exported model and no checkpoint"):
+    runner._model_params(None, {}, "gs://b/run/task_0")  # pylint: disable=protected-access

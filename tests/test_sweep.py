@@ -96,8 +96,8 @@ def forget_swept(tmp_path_factory):
   c.checkpoint.every_steps = 1
   save = checkpoints.Checkpoints.maybe_save
 
-  def crash_after_step_15(self, step, state, force=False):
-    save(self, step, state, force)
+  def crash_after_step_15(self, step, state, force=False, iterator=None):
+    save(self, step, state, force, iterator)
     if step == 15 and "chunk_0" in str(self.manager.directory):  # inside task 1 (steps 13-21)
       self.manager.wait_until_finished()
       raise _Interrupt

@@ -30,18 +30,24 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-    from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
-    d = load_digits()
-    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    idx = np.arange(len(images))
-    train, test = train_test_split(idx, test_size=0.2, random_state=0, stratify=d.target)
-    return {"train": self._generate_examples(images, d.target, np.sort(train)),
-            "test": self._generate_examples(images, d.target, np.sort(test))}
+    images, labels, splits = load_split()
+    return {name: self._generate_examples(images, labels, idx) for name, idx in splits.items()}
 
   def _generate_examples(self, images, labels, idx):
     for i in idx:
       yield int(i), {"image": images[i], "label": int(labels[i])}
+
+
+def load_split() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+  """(images uint8 (1797, 8, 8, 1) scaled to 0..255, labels (1797,), {"train": sorted indices
+  (1437,), "test": (360,)}): the fixed stratified split, seed 0."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
+  d = load_digits()
+  images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  idx = np.arange(len(images))
+  train, test = train_test_split(idx, test_size=0.2, random_state=0, stratify=d.target)
+  return images, d.target, {"train": np.sort(train), "test": np.sort(test)}
 
 
 def prepare(data_dir: str) -> tfds.core.DatasetBuilder:

@@ -30,7 +30,7 @@ def cache_root() -> epath.Path:
 
 def _file_name(split: str, label_key: str) -> str:
   return f"kswap_labels_{split}.npy" if label_key == "label" else \
-      f"kswap_labels_{split}.{label_key}.npy"
+      f"kswap_labels_{split}.{label_key.replace('/', '.')}.npy"
 
 
 def _locations(builder, split: str, label_key: str) -> list[epath.Path]:

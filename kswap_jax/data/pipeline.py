@@ -358,8 +358,12 @@ def batch(examples: ExampleSet, positions: np.ndarray,
 
 def eval_batches(examples: ExampleSet, batch_size: int,
                  sharding: jax.sharding.Sharding) -> Iterator[dict[str, jax.Array]]:
-  """Every example once, in order; the last batch is padded and has mask 0 on padding."""
+  """Every example once, in order; the last batch is padded and has mask 0 on padding. A set
+  smaller than `batch_size` comes as one batch of its own size (rounded up to a multiple of
+  the devices), so small validation sets cost no padded compute."""
   n = len(examples)
+  devices = sharding.num_devices
+  batch_size = min(batch_size, max(1, -(-n // devices)) * devices)
   for start in range(0, n, batch_size):
     pos = np.arange(start, start + batch_size)
     mask = pos < n

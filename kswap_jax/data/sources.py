@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from kswap_jax.data import digits, label_index
+from kswap_jax.data import digits, label_index, scenes
 from kswap_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -38,6 +38,10 @@ class Source:
     return len(self.labels)
 
 
+# The datasets this package builds itself (no download): name -> prepare(data_dir) -> builder.
+EMBEDDED = {digits.NAME: digits.prepare, scenes.NAME: scenes.prepare}
+
+
 def default_data_dir() -> str:
   return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
 
@@ -48,8 +52,8 @@ def open_source(name: str, split: str, data_dir: str | None = None,
   if name.startswith("folder:"):
     return _folder_source(name[len("folder:"):], split)
   data_dir = data_dir or default_data_dir()
-  if name == digits.NAME:
-    builder = digits.prepare(data_dir)
+  if name in EMBEDDED:
+    builder = EMBEDDED[name](data_dir)
   else:
     try:
       builder = tfds.builder(name, data_dir=data_dir)
@@ -72,7 +76,8 @@ def open_source(name: str, split: str, data_dir: str | None = None,
     raise UserError(f"split {split!r} of {name!r} cannot be read ({str(e)[:200]}); available "
                     f"splits: {sorted(builder.info.splits)}") from None
   features = builder.info.features
-  if image_key not in features or label_key not in features:
+  label_feature = nested(features, label_key)
+  if image_key not in features or label_feature is None:
     raise UserError(f"dataset {name!r} has features {sorted(features)}; set data image_key/"
                     f"label_key to the image and class-label features")
   read = functools.partial(_label_reader, builder, image_key, label_key)
@@ -80,8 +85,32 @@ def open_source(name: str, split: str, data_dir: str | None = None,
     labels = label_index.labels(builder, split, label_key, read)
   else:  # no split records (`tfds.testing.mock_data`): read this split's labels each time
     labels = read(split)(np.arange(len(ds)))
-  return Source(name, split, labels, list(features[label_key].names),
-                lambda i: np.asarray(ds[int(i)][image_key]))
+  names = getattr(label_feature, "names", None) or [str(c) for c in range(255)]
+  return Source(name, split, labels, list(names), lambda i: np.asarray(ds[int(i)][image_key]))
+
+
+def nested(record, path: str):
+  """record["a"]["b"] for path "a/b" (features or a record); None where a part is missing."""
+  for part in path.split("/"):
+    try:
+      record = record[part]
+    except (KeyError, TypeError):
+      return None
+  return record
+
+
+def image_label(value) -> int:
+  """An image's class from its label feature: a class label as it is; of a sequence of object
+  labels ("objects/label") the most frequent; of a mask (H, W[, C]) holding class + 1 (0:
+  none; channel 0) the most frequent class of its pixels; -1 when there is none (ours)."""
+  v = np.asarray(value)
+  if v.ndim == 0:
+    return int(v)
+  if v.ndim >= 2:
+    v = v[..., 0] if v.ndim == 3 else v
+    v = v[v > 0].astype(np.int64) - 1
+  v = v.reshape(-1).astype(np.int64)
+  return int(np.bincount(v).argmax()) if v.size else -1
 
 
 def _label_reader(builder, image_key: str, label_key: str,
@@ -99,7 +128,8 @@ def _label_reader(builder, image_key: str, label_key: str,
       ds = raw
     except ImportError:
       pass
-  return lambda idx: np.fromiter((ds[int(i)][label_key] for i in idx), np.int64, len(idx))
+  return lambda idx: np.fromiter((image_label(nested(ds[int(i)], label_key)) for i in idx),
+                                 np.int64, len(idx))
 
 
 def _folder_source(root: str, split: str) -> Source:

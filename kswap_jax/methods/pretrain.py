@@ -4,7 +4,9 @@ Produces the exported model (workdir/model) that the unlearning methods start fr
 per-class and overall test top-1 accuracy in workdir/results.json. The others run it on
 demand: a config whose `init.checkpoint` is empty pretrains `init.pretrain` first.
 An optional `head` section (kind, scale, margin, margin_at_eval; `heads.HeadNetwork`) trains a
-CosFace head instead of the default linear one.
+CosFace head instead of the default linear one. With `model.task` "detection" or
+"segmentation" it trains a dense model (`kswap_jax.tasks`) with the task's loss, and reports
+its metrics (COCO box AP50 and AP, or mIoU) per class instead of top-1.
 """
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from kswap_jax import builders, checkpoints, heads, losses, metrics, recipe, sharding, train
-from kswap_jax import trees
+from kswap_jax import builders, checkpoints, dense_metrics, heads, losses, metrics, recipe
+from kswap_jax import sharding, tasks, train, trees
 from kswap_jax.data import pipeline
 from kswap_jax.models import vit
 from kswap_jax.progress import say, table
@@ -30,25 +32,25 @@ class Recipe(recipe.Recipe):
   def __init__(self, config, run_dir, init, mesh):
     super().__init__(config, run_dir, init, mesh)
     data = config.data
+    self.task = tasks.of(config.model)
     self.labels = builders.label_space(data, data.dataset, data.classes, "data.classes")
     spec = ml_collections.ConfigDict(dict(dataset=data.dataset, classes=data.classes,
                                           fraction=data.get("fraction", 1.0),
                                           per_class=data.get("per_class", 0), seed=config.seed))
-    self.sets = {"train": builders.example_set(data, spec, data.train_split, self.labels,
-                                               "train", subset=True),
-                 "test": builders.example_set(data, spec, data.test_split, self.labels, "test",
-                                              subset=False)}
+    make = self.task.example_set if self.task else builders.example_set
+    self.sets = {"train": make(data, spec, data.train_split, self.labels, "train", subset=True),
+                 "test": make(data, spec, data.test_split, self.labels, "test", subset=False)}
     if data.get("val_split"):
-      self.sets["val"] = builders.example_set(data, spec, data.val_split, self.labels, "val",
-                                              subset=False)
+      self.sets["val"] = make(data, spec, data.val_split, self.labels, "val", subset=False)
     ckpt = config.init.get("checkpoint", "")
     self.model_cfg = ml_collections.ConfigDict(
         {**(builders.pretrained_defaults(ckpt) if ckpt else {}), **config.model})
     self.model_cfg.num_classes = len(self.labels)
     hcfg = config.get("head", ml_collections.ConfigDict())
-    self.net = heads.HeadNetwork(builders.network(config, self.model_cfg),
-                                 hcfg.get("kind", "linear"), hcfg.get("scale", 64.0),
-                                 hcfg.get("margin", 0.35))
+    base = builders.network(config, self.model_cfg)
+    self.model = base.model
+    self.net = base if self.task else heads.HeadNetwork(
+        base, hcfg.get("kind", "linear"), hcfg.get("scale", 64.0), hcfg.get("margin", 0.35))
     self.sampler = pipeline.EpochSampler(len(self.sets["train"]), config.train.batch_size,
                                          config.seed)
     self.counts = train.correct_counts(self.net, len(self.labels),
@@ -61,9 +63,10 @@ class Recipe(recipe.Recipe):
 
   def initial_state(self, config):
     data = self.config.data
-    params = vit.init_params(self.net.base.model, jax.random.key(config.seed),
+    params = vit.init_params(self.model, jax.random.key(config.seed),
                              (data.image_size, data.image_size, data.channels))
-    if self.net.kind == "cosface":  # class centres xavier-uniform (a zero one has no direction)
+    # class centres xavier-uniform (a zero one has no direction)
+    if getattr(self.net, "kind", "") == "cosface":
       params = heads.reset_head(params, len(self.labels), jax.random.key(config.seed + 1))
     if config.init.get("checkpoint"):
       params = builders.load_pretrained(config.init.checkpoint, params,
@@ -75,6 +78,10 @@ class Recipe(recipe.Recipe):
 
   def loss(self, trainable, frozen, hp, batches, rng):
     del hp
+    if self.task:
+      outputs = self.net.apply(trees.combine(frozen, trainable["params"]), None,
+                               batches["images"], train=True, rng=rng)
+      return self.task.set_loss(outputs, batches, "train"), {}
     logits = self.net.apply(trees.combine(frozen, trainable["params"]), None,
                             batches["images"], labels=batches["labels"], train=True, rng=rng)
     acc = jnp.mean(jnp.argmax(logits, -1) == batches["labels"])
@@ -82,15 +89,19 @@ class Recipe(recipe.Recipe):
 
   def stages(self):
     put = sharding.data_sharding(self.mesh)
+    get = self.task.batch if self.task else pipeline.batch
     return [recipe.Stage(
         "pretrain", self.num_steps(), self.loss,
-        lambda s: pipeline.batch(self.sets["train"], self.sampler.positions(s), put),
+        lambda s: get(self.sets["train"], self.sampler.positions(s), put),
         end_ratio=lambda c: c.train.lr_end / c.train.lr,
         warmup_steps=self.config.train.get("warmup_steps", 0), end=self.evaluate)]
 
   def evaluate(self, member, state) -> None:
     params = train.full_params(state)
     bs = self.config.data.eval_batch_size
+    if self.task:
+      self.evaluate_dense(member, state, bs)
+      return
     correct, count = train.evaluate(self.counts, params, None, self.sets["test"], bs, self.mesh)
     per_class = {self.labels.entries[k][2]: metrics.set_accuracy(correct, count, [k])
                  for k in range(len(self.labels))}
@@ -105,11 +116,33 @@ class Recipe(recipe.Recipe):
     if member.export:
       say(self.report(member.results))
 
+  def evaluate_dense(self, member, state, bs: int) -> None:
+    """A dense task's metrics (percent) over all classes and per class (the headline one)."""
+    params = train.full_params(state)
+    k, all_classes = len(self.labels), range(len(self.labels))
+    per = self.task.per_class(self.net, params, None, self.sets["test"], k, bs, self.mesh)
+    m = self.task.metrics[0]
+    member.results.update(
+        metric=m, **{f"test_{x}": dense_metrics.set_mean(per[x], all_classes)
+                     for x in self.task.metrics},
+        per_class={self.labels.entries[c][2]: dense_metrics.set_mean(per[m], [c])
+                   for c in all_classes},
+        steps=int(state["step"]), train_examples=len(self.sets["train"]),
+        test_examples=len(self.sets["test"]))
+    if "val" in self.sets:
+      per = self.task.per_class(self.net, params, None, self.sets["val"], k, bs, self.mesh)
+      member.results[f"val_{m}"] = dense_metrics.set_mean(per[m], all_classes)
+    member.save()
+    if member.export:
+      say(self.report(member.results))
+
   @staticmethod
   def report(results):
-    rows = [{"class": k, "test top-1 %": v} for k, v in results["per_class"].items()]
-    rows.append({"class": "all", "test top-1 %": results["test_accuracy"]})
-    return table(rows, ["class", "test top-1 %"])
+    m = results.get("metric", "accuracy")
+    col = f"test {'top-1' if m == 'accuracy' else m.upper()} %"
+    rows = [{"class": k, col: v} for k, v in results["per_class"].items()]
+    rows.append({"class": "all", col: results[f"test_{m}"]})
+    return table(rows, ["class", col])
 
   def finish(self, member, state):
     checkpoints.export_model(member.path("model"), self.released(state), self.model_cfg,

@@ -7,21 +7,27 @@ Orders (config `order`), each a list of (stage kind, main set, paired sets):
                combined training puts L into R's loader instead of a weighted term
   learn        the learn stage only; forget: the forget stage only (for layer studies)
 
-Writes workdir/results.json (top-1 on the R, F and L test sets, and validation sets when
-data.val_split is set, before training and after each stage), the per-block LoRA norms after
-each stage (results.json "blocks", lora_blocks.png), accuracy.png, and the swapped model (LoRA
-merged) in workdir/model.
+The task is the model's (`kswap_jax.tasks`): a classifier (top-1, `acc_*`), a detector (COCO
+box AP50 and AP, `ap50_*`, `ap_*`) or a segmenter (mIoU, `miou_*`); each set's loss is the
+task's (cross-entropy, DETR's matched loss, per-pixel CE), the rest is the same.
+
+Writes workdir/results.json (the task's metrics on the R, F and L test sets, and validation
+sets when data.val_split is set, before training and after each stage), the per-block LoRA
+norms after each stage (results.json "blocks", lora_blocks.png), accuracy.png, and the
+swapped model (LoRA merged) in workdir/model.
 """
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
-from kswap_jax import builders, checkpoints, heads, losses, metrics, recipe, sharding, train
+from kswap_jax import builders, checkpoints, dense_metrics, heads, losses, metrics, recipe
 from kswap_jax import lora as lora_lib
-from kswap_jax import trees, workdir
+from kswap_jax import sharding, tasks, train, trees, workdir
 from kswap_jax.data import pipeline, sources
 from kswap_jax.errors import UserError
 from kswap_jax.progress import say, table
@@ -48,11 +54,20 @@ def plan(order: str):
   return ORDERS[order]
 
 
-def stage_loss(net: train.Network, kind: str, group: str) -> train.LossFn:
+def classification_loss(logits: jax.Array, batch: dict, name: str) -> jax.Array:
+  """A set's loss for a classifier: CE of logits (B, K) and batch["labels"] (B,)."""
+  del name
+  return losses.cross_entropy(logits, batch["labels"])
+
+
+def stage_loss(net: train.Network, kind: str, group: str,
+               set_loss=classification_loss) -> train.LossFn:
   """loss_fn(trainable, frozen, hparams, batches, rng) for a stage kind.
 
   batches: {"retain": b, "learn": b, "forget": b} (those the stage pairs), each
-  {"images": uint8 (B, H, W, C), "labels": int32 (B,)}. One forward pass over all of them.
+  {"images": uint8 (B, H, W, C), "labels": int32 (B,)} and a dense task's targets. One
+  forward pass over all of them; set_loss(outputs of set n, batches[n], n) -> CE(n), a
+  dense task's loss in its place (`tasks.Dense.set_loss`).
     learn:  learn * CE(L) + retain_in_learn * CE(R) + sparse * S
     forget: retain * CE(R') + forget * relu(bound - CE(F)) + sparse * S
     swap:   learn * CE(L) + retain * CE(R) + forget * relu(bound - CE(F)) + sparse * S
@@ -61,12 +76,13 @@ def stage_loss(net: train.Network, kind: str, group: str) -> train.LossFn:
   def loss_fn(trainable, frozen, hp, batches, rng):
     names = sorted(batches)
     images = jnp.concatenate([batches[n]["images"] for n in names])
-    logits = net.apply(trees.combine(frozen, trainable["params"]), trainable["lora"], images,
-                       train=True, rng=rng)
+    outputs = net.apply(trees.combine(frozen, trainable["params"]), trainable["lora"], images,
+                        train=True, rng=rng)
     ce, start = {}, 0
     for n in names:
       size = batches[n]["labels"].shape[0]
-      ce[n] = losses.cross_entropy(logits[start:start + size], batches[n]["labels"])
+      part = jax.tree.map(lambda x, start=start, size=size: x[start:start + size], outputs)
+      ce[n] = set_loss(part, batches[n], n)
       start += size
     sparse = losses.group_sparse(trainable["lora"], group)
     total = hp["sparse"] * sparse
@@ -83,14 +99,17 @@ def stage_loss(net: train.Network, kind: str, group: str) -> train.LossFn:
 
 
 def block_analysis(lora, scale: float) -> list[dict]:
-  """Per block: sum of the Frobenius norms of its LoRA tensors, and of |scale * A B|."""
-  rows: dict[int, dict] = {}
+  """Per block: sum of the Frobenius norms of its LoRA tensors, and of |scale * A B|.
+
+  Blocks are numbered encoder first; a dense model's decoder blocks follow its encoder's."""
+  rows: dict[tuple[str, int], dict] = {}
   for path, ab in lora_lib.layers(lora).items():
-    block = int(path.split("encoderblock_")[1].split("/")[0])
-    r = rows.setdefault(block, {"block": block, "lora_norm": 0.0, "delta_norm": 0.0})
+    kind, i = re.search(r"(en|de)coderblock_(\d+)", path).groups()
+    r = rows.setdefault((kind, int(i)), {"lora_norm": 0.0, "delta_norm": 0.0})
     r["lora_norm"] += float(jnp.linalg.norm(ab["A"]) + jnp.linalg.norm(ab["B"]))
     r["delta_norm"] += float(np.linalg.norm(np.asarray(scale * ab["A"] @ ab["B"])))
-  return [rows[b] for b in sorted(rows)]
+  order = sorted(rows, key=lambda k: (k[0] == "de", k[1]))
+  return [{"block": b, **rows[k]} for b, k in enumerate(order)]
 
 
 class Recipe(recipe.Recipe):
@@ -111,6 +130,12 @@ class Recipe(recipe.Recipe):
     if config.head not in HEAD_MODES:
       raise UserError(f"head={config.head!r} is not allowed; use one of {sorted(HEAD_MODES)}")
     self.params, self.model_cfg, labels = builders.initial_model(config, init)
+    self.task = tasks.of(self.model_cfg)
+    self.metrics = self.task.metrics if self.task else ("acc",)
+    if self.task:  # its headline metric in the study table, the Pareto plot and the score
+      m = self.metrics[0]
+      self.columns = (*(f"{m}_{s}" for s in "rfl"), *(f"val_{m}_{s}" for s in "rfl"))
+      self.pareto = tuple((f"{m}_{s}", f"{m.upper()}_{s.upper()}") for s in "rfl")
     data, learn = config.data, config.sets.learn
     src = builders.source(data, learn.dataset, builders.split_of(data, learn, "train"))
     new_ids = sources.parse_classes(learn.classes, src.class_names, "sets.learn.classes")
@@ -118,7 +143,8 @@ class Recipe(recipe.Recipe):
     self.labels = labels.extend(learn.dataset, new_ids, src.class_names)
     self.model_cfg.num_classes = len(self.labels)
     splits = ("train", "test", "val") if data.get("val_split") else ("train", "test")
-    self.sets = {name: {which: builders.example_set(
+    make = self.task.example_set if self.task else builders.example_set
+    self.sets = {name: {which: make(
         data, config.sets[name], builders.split_of(data, config.sets[name], which),
         self.labels, f"sets.{name}", subset=which == "train") for which in splits}
                  for name in SETS}
@@ -144,24 +170,27 @@ class Recipe(recipe.Recipe):
   def stages(self):
     tcfg, seed, put = self.config.train, self.config.seed, sharding.data_sharding(self.mesh)
     train_set = {n: s["train"] for n, s in self.sets.items()}
+    join, get = ((self.task.concat, self.task.batch) if self.task else
+                 (pipeline.concat, pipeline.batch))
+    set_loss = self.task.set_loss if self.task else classification_loss
     out = []
     for kind, main, paired in plan(self.config.order):
-      main_set = (pipeline.concat(train_set["retain"], train_set["learn"], "retain+learn")
+      main_set = (join(train_set["retain"], train_set["learn"], "retain+learn")
                   if main == "retain+learn" else train_set[main])
       main_sampler = pipeline.EpochSampler(len(main_set), tcfg.batch_size, seed)
       samplers = {p: pipeline.EpochSampler(len(train_set[p]), tcfg.batch_size, seed + 7)
                   for p in paired}
 
       def batches(s, main_set=main_set, main_sampler=main_sampler, samplers=samplers):
-        out = {"retain": pipeline.batch(main_set, main_sampler.positions(s), put)}
+        out = {"retain": get(main_set, main_sampler.positions(s), put)}
         for p, smp in samplers.items():
-          out[p] = pipeline.batch(train_set[p], smp.positions(s), put)
+          out[p] = get(train_set[p], smp.positions(s), put)
         return out
 
       per_epoch = main_sampler.steps_per_epoch
       out.append(recipe.Stage(
           kind, tcfg.epochs[kind] * per_epoch,
-          stage_loss(self.net, kind, self.config.sparse_group), batches,
+          stage_loss(self.net, kind, self.config.sparse_group, set_loss), batches,
           end_ratio=lambda c: c.train.lr_end / c.train.lr, steps_per_epoch=per_epoch,
           end=lambda m, s, kind=kind: self.evaluate(m, s, kind)))
     return out
@@ -178,12 +207,19 @@ class Recipe(recipe.Recipe):
       self.evaluate(member, state, "pretrained")
 
   def evaluate(self, member, state, when: str) -> None:
-    """Top-1 on each set's test (and validation) split, and the LoRA per block."""
+    """The task's metrics on each set's test (and validation) split, and the LoRA per block."""
     params, lora = train.full_params(state), state["trainable"]["lora"]
     row = {"after": when}
     for name, splits in self.sets.items():
       for which, prefix in (("test", ""), ("val", "val_")):
-        if which in splits:
+        if which in splits and self.task:
+          # Each set on its own images, as the authors evaluate their remain, forget and learn
+          # sets (KnowledgeSwapping object-detection/swapping_fltf_ddp.py:372-374).
+          per = self.task.per_class(self.net, params, lora, splits[which], len(self.labels),
+                                    self.config.data.eval_batch_size, self.mesh)
+          row.update({f"{prefix}{m}_{name[0]}": dense_metrics.set_mean(
+              per[m], splits[which].classes()) for m in self.metrics})
+        elif which in splits:
           correct, count = train.evaluate(self.counts, params, lora, splits[which],
                                           self.config.data.eval_batch_size, self.mesh)
           row[f"{prefix}acc_{name[0]}"] = metrics.set_accuracy(correct, count)
@@ -196,7 +232,8 @@ class Recipe(recipe.Recipe):
 
   @staticmethod
   def report(results):
-    return table(results["evals"], ["after", "acc_r", "acc_f", "acc_l"])
+    keys = [k for k in results["evals"][0] if k != "after" and not k.startswith("val_")]
+    return table(results["evals"], ["after", *keys])
 
   def released(self, state):
     return lora_lib.merge(train.full_params(state), state["trainable"]["lora"],
@@ -206,14 +243,15 @@ class Recipe(recipe.Recipe):
     checkpoints.export_model(member.path("model"), self.released(state), self.model_cfg,
                              self.labels.to_json())
     if jax.process_index() == 0:
-      plot(member.results, member.dir)
+      plot(member.results, member.dir, self.metrics[0])
 
   def row(self, member):
     last = member.results["evals"][-1]
     return {k: last[k] for k in self.columns}
 
   def score(self, row):
-    return row["val_acc_r"] + row["val_acc_l"] - row["val_acc_f"]
+    m = self.metrics[0]
+    return row[f"val_{m}_r"] + row[f"val_{m}_l"] - row[f"val_{m}_f"]
 
   def evaluate_model(self, member, state):
     """Acc_R / Acc_F / Acc_L (and their validation values) of the model."""
@@ -221,22 +259,24 @@ class Recipe(recipe.Recipe):
     return self.report(member.results)
 
   def mia_sets(self, stage):
-    """R's train set (members) and test set (non-members); F's train set (target)."""
+    """R's train set (members) and test set (non-members); F's train set (target); None for
+    a dense task (the attack reads class logits)."""
     del stage
+    if self.task:
+      return None
     return {"member": self.sets["retain"]["train"], "nonmember": self.sets["retain"]["test"],
             "target": self.sets["forget"]["train"]}
 
 
-def plot(results: dict, run_dir: str) -> None:
-  """accuracy.png (R/F/L after each stage) and lora_blocks.png (per-block norms)."""
+def plot(results: dict, run_dir: str, metric: str = "acc") -> None:
+  """accuracy.png (`metric` of R/F/L after each stage) and lora_blocks.png (per-block norms)."""
   evals = results["evals"]
   fig, ax = plt.subplots(figsize=(5, 3.2))
   x = np.arange(len(evals))
-  for i, (key, name) in enumerate((("acc_r", "retain"), ("acc_f", "forget"),
-                                   ("acc_l", "learn"))):
-    ax.bar(x + (i - 1) * 0.27, [r[key] for r in evals], 0.27, label=name)
+  for i, name in enumerate(SETS):
+    ax.bar(x + (i - 1) * 0.27, [r[f"{metric}_{name[0]}"] for r in evals], 0.27, label=name)
   ax.set_xticks(x, [r["after"] for r in evals])
-  ax.set_ylabel("test top-1 (%)")
+  ax.set_ylabel(f"test {'top-1' if metric == 'acc' else metric.upper()} (%)")
   ax.set_ylim(0, 105)
   ax.legend(fontsize=8)
   ax.set_title("accuracy before and after each stage")

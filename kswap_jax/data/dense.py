@@ -1,0 +1,144 @@
+"""Detection and segmentation examples: a class set's images with its objects or its pixels.
+
+A `DenseSet` is a `pipeline.ExampleSet` (images chosen by their image-level label, as for
+classification: `digit_scenes`' scene class, or a detection dataset's most frequent object
+class, `sources.open_source`) plus the targets of the set's classes in the model's label
+space (ours: objects and pixels of other classes are dropped from a set's targets, pixels
+ignored). Targets of a batch of k images:
+
+  detection     classes int32 (k, T), -1 past the last object; boxes float32 (k, T, 4),
+                (cx, cy, w, h) in [0, 1]; T = data.max_objects (more objects are cut)
+  segmentation  masks int32 (k, H, W): a label-space class, BACKGROUND or IGNORE
+
+Records are read through `builder.as_data_source`; feature paths ("objects/bbox") are set in
+the data section: boxes_key, classes_key (boxes (n, 4) as TFDS BBoxes (ymin, xmin, ymax, xmax)
+in [0, 1], classes (n,) dataset class ids, -1 ignored) or mask_key (values 0 = background, or
+ignored with data.mask_zero="ignore"; v > 0 is class v - 1).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from kswap_jax.data import pipeline, sources
+from kswap_jax.errors import UserError
+
+BACKGROUND, IGNORE = -1, -2
+MASK_ZERO = ("background", "ignore")
+
+
+def _records(name: str, split: str, data_dir: str):
+  """Random access to the records of a TFDS split (the embedded datasets built first)."""
+  builder = (sources.EMBEDDED[name](data_dir) if name in sources.EMBEDDED
+             else tfds.builder(name, data_dir=data_dir))
+  return builder.as_data_source(split=split)
+
+
+def _get(record: dict, path: str):
+  for part in path.split("/"):
+    if part not in record:
+      raise UserError(f"the records have no feature {path!r} (at {part!r}: found "
+                      f"{sorted(record)}); set data.boxes_key / classes_key / mask_key")
+    record = record[part]
+  return np.asarray(record)
+
+
+class DenseSet:
+  """Images (`examples`) of one class set with their targets (module docstring).
+
+  targets(positions (k,)) -> dict of numpy arrays; `concat` joins two sets (R' = R + L).
+  """
+
+  def __init__(self, examples: pipeline.ExampleSet, targets: Callable[[np.ndarray], dict]):
+    self.examples, self._targets, self.name = examples, targets, examples.name
+
+  def __len__(self) -> int:
+    return len(self.examples)
+
+  def targets(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+    return self._targets(np.asarray(positions))
+
+  def classes(self) -> np.ndarray:
+    return self.examples.classes()
+
+
+def example_set(task: str, data: ml_collections.ConfigDict, examples: pipeline.ExampleSet,
+                class_ids: list[int], new_ids: list[int]) -> DenseSet:
+  """The targets of `examples` (a `pipeline.select` of `class_ids`, labels `new_ids`)."""
+  data_dir = data.get("data_dir") or sources.default_data_dir()
+  ds = _records(examples.source.name, examples.source.split, data_dir)
+  mapping = dict(zip(class_ids, new_ids))
+  cache: dict[int, dict] = {}
+  if task == "detection":
+    t, read = data.max_objects, _objects
+  else:
+    if data.get("mask_zero", "background") not in MASK_ZERO:
+      raise UserError(f"data.mask_zero={data.mask_zero!r} is not allowed; use one of "
+                      f"{MASK_ZERO}")
+    t, read = data.image_size, _mask
+
+  def one(p: int) -> dict:
+    if p not in cache:
+      cache[p] = read(ds[int(examples.indices[p])], data, mapping, t)
+    return cache[p]
+
+  def targets(positions):
+    items = [one(int(p)) for p in positions]
+    return {k: np.stack([it[k] for it in items]) for k in items[0]}
+
+  return DenseSet(examples, targets)
+
+
+def _objects(record: dict, data, mapping: dict[int, int], t: int) -> dict:
+  """A record's objects of the mapped classes: classes (t,), boxes (t, 4) cxcywh."""
+  boxes = _get(record, data.boxes_key).reshape(-1, 4).astype(np.float32)
+  ids = _get(record, data.classes_key).reshape(-1)[:len(boxes)]
+  keep = [i for i, c in enumerate(ids) if int(c) in mapping][:t]
+  classes = np.full(t, -1, np.int32)
+  out = np.zeros((t, 4), np.float32)
+  for j, i in enumerate(keep):
+    y0, x0, y1, x1 = boxes[i]
+    classes[j] = mapping[int(ids[i])]
+    out[j] = ((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0)
+  return {"classes": classes, "boxes": out}
+
+
+def _mask(record: dict, data, mapping: dict[int, int], size: int) -> dict:
+  """A record's mask (size, size): mapped classes, BACKGROUND and IGNORE (module docstring)."""
+  m = _get(record, data.mask_key)
+  m = m[..., 0] if m.ndim == 3 else m
+  if m.shape != (size, size):
+    m = np.asarray(Image.fromarray(m.astype(np.uint8)).resize((size, size), Image.NEAREST))
+  lut = np.full(256, IGNORE, np.int32)
+  lut[0] = BACKGROUND if data.get("mask_zero", "background") == "background" else IGNORE
+  for c, k in mapping.items():
+    lut[c + 1] = k
+  return {"masks": lut[m.astype(np.int64)]}
+
+
+def concat(a: DenseSet, b: DenseSet, name: str = "") -> DenseSet:
+  """The examples of a, then those of b, with their targets."""
+  n = len(a)
+
+  def targets(positions):
+    first, second = positions[positions < n], positions[positions >= n] - n
+    parts = [s.targets(p) for s, p in ((a, first), (b, second)) if len(p)]
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(np.concatenate([np.flatnonzero(positions < n),
+                                       np.flatnonzero(positions >= n)]), kind="stable")
+    return {k: v[order] for k, v in merged.items()}
+
+  return DenseSet(pipeline.concat(a.examples, b.examples, name), targets)
+
+
+def batch(examples: DenseSet, positions: np.ndarray, sharding: jax.sharding.Sharding,
+          ) -> dict[str, jax.Array]:
+  """`pipeline.batch` of the images and labels, with the targets at `positions`."""
+  out = pipeline.batch(examples.examples, positions, sharding)
+  local = pipeline._local(np.asarray(positions))  # pylint: disable=protected-access
+  return {**out, **pipeline.to_global(examples.targets(local), sharding, len(positions))}
