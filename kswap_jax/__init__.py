@@ -4,6 +4,7 @@ The stable entry points (docs/API.md), imported on first use:
 
   losses, lora, metrics, mia, train         modules: loss terms, LoRA pytrees, accuracy / H,
                                             membership inference, train state and steps
+  matching, dense_metrics                   detection matching and losses; box AP and IoU
   ViT, make_model, init_params              the Flax ViT (kswap_jax.models.vit)
   export_model, load_model                  exported models (kswap_jax.checkpoints)
   load_pretrained, save_npz                 big_vision / vision_transformer .npz (kswap_jax.npz)
@@ -18,7 +19,8 @@ __version__ = "0.1.0"
 
 _WHERE = {
     "losses": "kswap_jax.losses", "lora": "kswap_jax.lora", "metrics": "kswap_jax.metrics",
-    "mia": "kswap_jax.mia", "train": "kswap_jax.train",
+    "mia": "kswap_jax.mia", "train": "kswap_jax.train", "matching": "kswap_jax.matching",
+    "dense_metrics": "kswap_jax.dense_metrics",
     "ViT": "kswap_jax.models.vit:ViT", "make_model": "kswap_jax.models.vit:make_model",
     "init_params": "kswap_jax.models.vit:init_params",
     "export_model": "kswap_jax.checkpoints:export_model",
