@@ -63,7 +63,9 @@ class Dense:
   def per_class(self, net, params, lora, examples: dense.DenseSet, num_classes: int,
                 batch_size: int, mesh) -> dict[str, np.ndarray]:
     """{metric: (K,) in [0, 1]} over the images of `examples` (`dense_metrics`)."""
-    fwd = self._forward.setdefault(id(net), jax.jit(net.apply))
+    if id(net) not in self._forward:
+      self._forward[id(net)] = jax.jit(net.apply)
+    fwd = self._forward[id(net)]
     put = sharding.data_sharding(mesh)
     outs = []
     for b in pipeline.eval_batches(examples.examples, batch_size, put):
