@@ -39,13 +39,12 @@ def _records(name: str, split: str, data_dir: str):
   return builder.as_data_source(split=split)
 
 
-def _get(record: dict, path: str):
-  for part in path.split("/"):
-    if part not in record:
-      raise UserError(f"the records have no feature {path!r} (at {part!r}: found "
-                      f"{sorted(record)}); set data.boxes_key / classes_key / mask_key")
-    record = record[part]
-  return np.asarray(record)
+def _get(record: dict, path: str) -> np.ndarray:
+  value = sources.nested(record, path)
+  if value is None:
+    raise UserError(f"the records have no feature {path!r} (found {sorted(record)}); set "
+                    "data.boxes_key / classes_key / mask_key")
+  return np.asarray(value)
 
 
 class DenseSet:
