@@ -12,7 +12,6 @@ run: the per-set metric pretrained and after each stage, times), swap_dense_scen
 not run keep what the file held.
 """
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -23,7 +22,7 @@ import time
 import matplotlib
 import numpy as np
 
-from kswap_jax import config_lib, runner
+from kswap_jax import config_lib, runner, workdir
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -60,8 +59,7 @@ def main():
   path = os.path.join(args.out, "swap_dense_scenes.json")
   rows = []
   if os.path.exists(path):
-    with open(path) as f:
-      rows = [r for r in json.load(f)["runs"] if r["task"] not in args.tasks]
+    rows = [r for r in workdir.read_json(path)["runs"] if r["task"] not in args.tasks]
   kswap = os.path.join(os.path.dirname(sys.executable), "kswap")
   with tempfile.TemporaryDirectory() as tmp:
     for seed in args.seeds:
@@ -73,8 +71,7 @@ def main():
             subprocess.run([kswap, "swap", "--config",
                             os.path.join(HERE, "..", "configs", f"{CONFIG[task]}:seed={seed}"),
                             "--workdir", os.path.join(run_dir, order)], check=True)
-            with open(os.path.join(run_dir, order, "results.json")) as f:
-              res = json.load(f)
+            res = workdir.read_json(os.path.join(run_dir, order, "results.json"))
           else:
             res = runner.run("swap", _config(task, order, seed,
                                              os.path.join(run_dir, "lbf", "pretrain")),
@@ -99,8 +96,8 @@ def _cpu() -> float:
 
 
 def _write(rows, args):
-  with open(os.path.join(args.out, "swap_dense_scenes.json"), "w") as f:
-    json.dump({"runs": rows, "seeds": args.seeds}, f, indent=1)
+  workdir.write_json(os.path.join(args.out, "swap_dense_scenes.json"),
+                     {"runs": rows, "seeds": args.seeds})
   lines = ["| task | order | metric | stage | retain | forget | learn |", "|---" * 7 + "|"]
   for task in dict.fromkeys(r["task"] for r in rows):
     for order in ORDERS:
