@@ -81,13 +81,14 @@ def setup(name: str, rng_impl: str, dtype: str):
   tx = train.make_optimizer()
   state = train.init_state(params, lora, "", {"lr": 1e-2, "weight_decay": 0.05, **WEIGHTS}, 0,
                            tx, rng_impl)
-  loss = forget.make_loss(forget.get_method("gs_lora"), net, "block", warmup_steps=0)
+  loss = forget.make_loss(forget.get_method("gs_lora"), net, "block")
   step = train.make_step(loss, tx, lambda s: 1.0, rng_impl)
 
   r, f = jax.random.split(jax.random.key(2))
   batches = {"retain": step_timing.random_batch(r, n, shape, classes),
              "forget": step_timing.random_batch(f, n, shape, classes),
-             "ctx": {"stage_step": jnp.zeros((), jnp.int32)}}
+             "ctx": {"stage_step": jnp.zeros((), jnp.int32),
+                     "stage": {"alpha_warmup": jnp.zeros((), jnp.int32)}}}
   return step, state, batches
 
 

@@ -18,7 +18,6 @@ can be swept. A recipe
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Any, Callable
 
@@ -62,6 +61,9 @@ class Stage:
 
   The lr follows `train.lr_factor` over the stage, from the member's lr to `end_ratio(member
   config)` times it (per epoch when `steps_per_epoch`, after `warmup_steps` of warm-up).
+  values: further numbers the loss reads (through `context`) from state["stage"]; the stage's
+  numbers are arrays there (`numbers`), so stages with the same `loss` and `context` objects
+  share one compiled step.
   context(state): what the loss reads from the state as batches["ctx"].
   begin(member, state) -> state: when the stage starts fresh; end(member, state): when it ends
   (may run again on resume); select(member, state) -> state after each step s with
@@ -76,6 +78,7 @@ class Stage:
   end_ratio: Callable[[ml_collections.ConfigDict], float]
   steps_per_epoch: int = 0
   warmup_steps: int = 0
+  values: dict[str, int | float] = dataclasses.field(default_factory=dict)
   context: Callable[[State], Any] | None = None
   begin: Callable[[Member, State], State] | None = None
   end: Callable[[Member, State], None] | None = None
@@ -83,11 +86,10 @@ class Stage:
   select: Callable[[Member, State], State] | None = None
   shared: bool = False
 
-  def schedule(self, end_ratio) -> Callable[[jax.Array], jax.Array]:
-    """stage step -> lr factor; `end_ratio` a float, or an array (a study's members)."""
-    return functools.partial(train.lr_factor, total_steps=self.num_steps,
-                             warmup_steps=self.warmup_steps, end_ratio=end_ratio,
-                             steps_per_epoch=self.steps_per_epoch)
+  def numbers(self, config: ml_collections.ConfigDict) -> dict:
+    """state["stage"] of a member `config` in this stage (`train.stage_numbers`)."""
+    return train.stage_numbers(self.num_steps, self.warmup_steps, self.steps_per_epoch,
+                               self.end_ratio(config), **self.values)
 
 
 class Recipe:

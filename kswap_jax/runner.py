@@ -95,6 +95,7 @@ def _train_one(rec: recipe.Recipe, member: recipe.Member, stages: list[recipe.St
   settings: the config whose checkpoint, log_every, log and mesh.rules apply.
   """
   mesh = rec.mesh
+  state = {**state, "stage": stages[0].numbers(member.config)}
   shardings = sharding.state_shardings(state, mesh, settings.mesh.get("rules", ()))
   state = jax.device_put(state, shardings, may_alias=False)  # steps donate it
   ckpts = checkpoints.Checkpoints(os.path.join(run_dir, "checkpoints"),
@@ -107,14 +108,19 @@ def _train_one(rec: recipe.Recipe, member: recipe.Member, stages: list[recipe.St
   if with_mia:
     measure_mia(rec, member, state, 0, "pretrained")
   placed = lambda s: jax.device_put(s, shardings)  # noqa: E731
+  steps = _shared_steps(stages, lambda st: sharding.compile_step(
+      train.make_step(st.loss, rec.tx, train.stage_schedule, rec.rng_impl, st.context), mesh,
+      shardings))
 
   def loop_stage(i: int, st: recipe.Stage) -> loop.Stage:
-    step = train.make_step(st.loss, rec.tx, st.schedule(st.end_ratio(member.config)),
-                           rec.rng_impl, st.context)
-    out = loop.Stage(st.name, st.num_steps, sharding.compile_step(step, mesh, shardings),
-                     st.batches)
-    if st.begin:
-      out.begin = lambda s: placed(st.begin(member, s))
+    out = loop.Stage(st.name, st.num_steps, steps[i], st.batches)
+    numbers = st.numbers(member.config)
+
+    def begin(s):
+      s = {**s, "stage": numbers}
+      return placed(st.begin(member, s) if st.begin else s)
+
+    out.begin = begin
     if st.select:
       out.after = lambda s, i: placed(st.select(member, s)) if st.select_at(i) else s
 
@@ -129,6 +135,16 @@ def _train_one(rec: recipe.Recipe, member: recipe.Member, stages: list[recipe.St
 
   return loop.run(state, [loop_stage(i, st) for i, st in enumerate(stages)], ckpts, run_dir,
                   settings.log_every, log=log, workers=_workers(rec))
+
+
+def _shared_steps(stages: list[recipe.Stage], make) -> list:
+  """make(stage) for each stage, called once per distinct (loss, context) pair: stages that
+  differ only in their numbers (state["stage"]) share one step, so it compiles once."""
+  made = {}
+  for st in stages:
+    if (st.loss, st.context) not in made:
+      made[st.loss, st.context] = make(st)
+  return [made[(st.loss, st.context)] for st in stages]
 
 
 def _workers(rec: recipe.Recipe) -> int:
@@ -310,9 +326,7 @@ def _train_members(rec: recipe.Recipe, configs: dict[int, ml_collections.ConfigD
 
   def stacked(idx) -> State:
     states = [initial(configs[i]) for i in idx]
-    states = [{**s, "hparams": {**s["hparams"],
-                                "end_ratio": np.float32(rest[0].end_ratio(configs[i]))}}
-              for s, i in zip(states, idx)]
+    states = [{**s, "stage": rest[0].numbers(configs[i])} for s, i in zip(states, idx)]
     return sweep_lib.stack_states(states, rec.member_params)
 
   mesh, idx = rec.mesh, list(configs)
@@ -322,7 +336,7 @@ def _train_members(rec: recipe.Recipe, configs: dict[int, ml_collections.ConfigD
                     f"multiple of {devices} members or a smaller mesh.sweep")
   one = stacked(idx[:1])
   state_sharding = sharding.member_shardings(one, mesh, sweep_lib.axes(one))
-  steps = [_member_step(rec, st) for st in rest]
+  steps = _shared_steps(rest, lambda st: _member_step(rec, st))
   size = settings.members_per_chunk
   if size < 0:
     size = _fitting_chunk(steps, [st.batches(0) for st in rest], stacked, idx, devices)
@@ -332,7 +346,7 @@ def _train_members(rec: recipe.Recipe, configs: dict[int, ml_collections.ConfigD
                     f"multiple of {devices}")
   say(f"sweep ({rec.name}): {len(idx)} members in chunks of {size or len(idx)}, {devices} "
       f"member group(s) side by side")
-  compiled = [sharding.compile_step(s, mesh, state_sharding, gather=False) for s in steps]
+  compiled = {id(s): sharding.compile_step(s, mesh, state_sharding, gather=False) for s in steps}
   for c, chunk in enumerate(sweep_lib.chunks(len(idx), size)):
     chunk_dir = os.path.join(gdir, f"chunk_{c}")
     members = [_member(configs[idx[j]], os.path.join(chunk_dir, f"member_{idx[j]}"), False,
@@ -341,8 +355,8 @@ def _train_members(rec: recipe.Recipe, configs: dict[int, ml_collections.ConfigD
     for j, m in enumerate(members):
       rec.start(m, sweep_lib.member_state(state, j))
     loop_stages = ([loop.Stage(st.name, st.num_steps, None, None) for st in prefix]
-                   + [_chunk_stage(rec, st, step, members, state_sharding)
-                      for st, step in zip(rest, compiled)])
+                   + [_chunk_stage(rec, st, compiled[id(step)], members, state_sharding)
+                      for st, step in zip(rest, steps)])
     ckpts = checkpoints.Checkpoints(os.path.join(chunk_dir, "checkpoints"),
                                     settings.checkpoint.every_steps, settings.checkpoint.keep)
     state = loop.run(state, loop_stages, ckpts, chunk_dir, settings.log_every,
@@ -352,14 +366,9 @@ def _train_members(rec: recipe.Recipe, configs: dict[int, ml_collections.ConfigD
 
 
 def _member_step(rec: recipe.Recipe, st: recipe.Stage):
-  """A stage's vmapped step over stacked members; each member's lr schedule ends at its own
-  hparams["end_ratio"]."""
-
-  def one(state, batches):
-    schedule = st.schedule(state["hparams"]["end_ratio"])
-    return train.make_step(st.loss, rec.tx, schedule, rec.rng_impl, st.context)(state, batches)
-
-  return sweep_lib.vmap_step(one)
+  """A stage's vmapped step over stacked members (each with its own state["stage"])."""
+  return sweep_lib.vmap_step(train.make_step(st.loss, rec.tx, train.stage_schedule,
+                                             rec.rng_impl, st.context))
 
 
 def _chunk_stage(rec: recipe.Recipe, st: recipe.Stage, step, members: list[recipe.Member],
@@ -378,9 +387,8 @@ def _chunk_stage(rec: recipe.Recipe, st: recipe.Stage, step, members: list[recip
   def begin(state):
     if st.begin:
       state = each(st.begin, state)
-    ratios = jnp.asarray([st.end_ratio(m.config) for m in members], jnp.float32)
-    return jax.device_put({**state, "hparams": {**state["hparams"], "end_ratio": ratios}},
-                          state_sharding)
+    numbers = jax.tree.map(lambda *v: np.stack(v), *[st.numbers(m.config) for m in members])
+    return jax.device_put({**state, "stage": numbers}, state_sharding)
 
   out = loop.Stage(st.name, st.num_steps, step, st.batches, begin=begin)
   if st.select:

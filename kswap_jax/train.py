@@ -9,8 +9,12 @@ State (a plain dict pytree)::
   trainable   {"lora": LoRA tree or {}, "params": trainable subset of params or {}}
   opt         optax state of `optax.inject_hyperparams(optax.adamw)` over `trainable`
   hparams     {name: float32 ()}  learning rate, weight decay, loss weights, bounds
+  stage       {name: int32/float32 ()}  the current stage's numbers (`stage_numbers`): its
+                                 length, lr schedule and the values its loss reads
 
-Everything a study may vary is an array in `hparams`, so a step can be vmapped over members.
+Everything a study may vary is an array in `hparams`, so a step can be vmapped over members;
+everything a stage fixes is an array in `stage`, so stages that differ only in their numbers
+(e.g. continual-forgetting tasks of different sizes) share one compiled step.
 """
 from __future__ import annotations
 
@@ -60,20 +64,39 @@ def make_optimizer(b1=0.9, b2=0.999, eps=1e-8) -> optax.GradientTransformation:
       learning_rate=0.0, b1=b1, b2=b2, eps=eps, weight_decay=0.0, mask=decay_mask)
 
 
-def lr_factor(stage_step, *, total_steps: int, warmup_steps: int = 0, end_ratio: float = 1e-3,
-              steps_per_epoch: int = 0):
+def lr_factor(stage_step, *, total_steps, warmup_steps=0, end_ratio=1e-3, steps_per_epoch=0):
   """Linear warm-up, then cosine decay from 1 to `end_ratio` over the stage.
 
   steps_per_epoch > 0: the cosine advances once per epoch (epoch e of E gets
   cos(pi e / E)), as in the papers' per-epoch schedules; warm-up is then not used.
+  Every argument may be a Python number or an int32 / float32 () array (traced).
   """
-  if steps_per_epoch:
-    t, total, warm = stage_step // steps_per_epoch, -(-total_steps // steps_per_epoch), 1.0
-  else:
-    t, total = stage_step - warmup_steps, max(1, total_steps - warmup_steps)
-    warm = jnp.minimum(1.0, (stage_step + 1) / warmup_steps) if warmup_steps else 1.0
+  per_epoch = jnp.asarray(steps_per_epoch) > 0
+  spe = jnp.maximum(steps_per_epoch, 1)
+  t = jnp.where(per_epoch, stage_step // spe, stage_step - warmup_steps)
+  total = jnp.where(per_epoch, -(-total_steps // spe), jnp.maximum(1, total_steps - warmup_steps))
+  warm = jnp.where(per_epoch | (jnp.asarray(warmup_steps) <= 0), 1.0,
+                   jnp.minimum(1.0, (stage_step + 1) / jnp.maximum(warmup_steps, 1)))
   progress = jnp.clip(t / total, 0.0, 1.0)
   return warm * (end_ratio + (1 - end_ratio) * 0.5 * (1 + jnp.cos(jnp.pi * progress)))
+
+
+def stage_numbers(num_steps: int, warmup_steps: int, steps_per_epoch: int, end_ratio: float,
+                  **values: int | float) -> dict[str, np.ndarray]:
+  """A stage's state["stage"]: its schedule's numbers and the `values` its loss reads (ints
+  as int32, floats as float32 () arrays)."""
+  numbers = dict(num_steps=num_steps, warmup_steps=warmup_steps,
+                 steps_per_epoch=steps_per_epoch, end_ratio=float(end_ratio), **values)
+  return {k: np.asarray(v, np.float32 if isinstance(v, float) else np.int32)
+          for k, v in numbers.items()}
+
+
+def stage_schedule(state: State) -> jax.Array:
+  """lr factor of `state` at its stage_step: `lr_factor` over its state["stage"] numbers."""
+  st = state["stage"]
+  return lr_factor(state["stage_step"], total_steps=st["num_steps"],
+                   warmup_steps=st["warmup_steps"], end_ratio=st["end_ratio"],
+                   steps_per_epoch=st["steps_per_epoch"])
 
 
 def init_state(params, lora, trainable_regex: str, hparams: dict[str, float], seed: int,
@@ -100,13 +123,14 @@ def full_params(state: State) -> dict:
 
 
 def make_step(loss_fn: LossFn, tx: optax.GradientTransformation,
-              schedule: Callable[[jax.Array], jax.Array], rng_impl: str = "threefry2x32",
+              schedule: Callable[[State], jax.Array], rng_impl: str = "threefry2x32",
               context: Callable[[State], Any] | None = None,
               ) -> Callable[[State, Any], tuple[State, dict]]:
   """Pure update `(state, batches) -> (state, metrics)`.
 
   loss_fn(trainable, frozen_params, hparams, batches, rng) -> (loss, metrics dict).
-  lr = hparams["lr"] * schedule(stage_step); weight decay = hparams["weight_decay"].
+  lr = hparams["lr"] * schedule(state) (e.g. `stage_schedule`); weight decay =
+  hparams["weight_decay"].
   context: what the loss reads from the state besides its params, given to it as
   batches["ctx"] (e.g. the stage step and class prototypes).
   """
@@ -120,7 +144,7 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["trainable"], state["params"], hp, batches, rng)
     opt = state["opt"]
-    lr = hp["lr"] * schedule(state["stage_step"])
+    lr = hp["lr"] * schedule(state)
     opt.hyperparams["learning_rate"] = lr
     opt.hyperparams["weight_decay"] = hp["weight_decay"]
     updates, opt = tx.update(grads, opt, state["trainable"])

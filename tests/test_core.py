@@ -165,6 +165,22 @@ def test_lr_factor_cosine_per_epoch():
   assert f[:5] == [1.0] * 5 and f[5] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi / 2)))
 
 
+@pytest.mark.parametrize("total,warmup,per_epoch,end", [(20, 5, 0, 0.1), (20, 0, 4, 0.2),
+                                                       (7, 0, 0, 1e-3)])
+def test_stage_schedule_from_state_numbers_by_hand(total, warmup, per_epoch, end):
+  """The schedule read from state["stage"] arrays, one compiled function for every stage."""
+  numbers = train.stage_numbers(total, warmup, per_epoch, end)
+  fn = jax.jit(lambda s, n: train.stage_schedule({"stage_step": s, "stage": n}))
+  for s in range(total + 2):
+    if per_epoch:
+      warm, progress = 1.0, min(1.0, (s // per_epoch) / -(-total // per_epoch))
+    else:
+      warm = min(1.0, (s + 1) / warmup) if warmup else 1.0
+      progress = min(1.0, max(0.0, (s - warmup) / max(1, total - warmup)))
+    want = warm * (end + (1 - end) * 0.5 * (1 + np.cos(np.pi * progress)))
+    assert float(fn(np.int32(s), numbers)) == pytest.approx(want, rel=1e-5, abs=1e-7), s
+
+
 def test_step_is_pure_and_compiles_once():
   model, params = _model(num_classes=3)
   net = train.Network(model, lora_scale=0.5)

@@ -128,7 +128,8 @@ def _batches(key, n=4):
     a, b = jax.random.split(k)
     out[name] = {"images": jax.random.randint(a, (n, 16, 16, 3), 0, 256).astype(jnp.uint8),
                  "labels": jax.random.randint(b, (n,), 0, 6)}
-  return {**out, "ctx": {"stage_step": jnp.asarray(5, jnp.int32)}}
+  return {**out, "ctx": {"stage_step": jnp.asarray(5, jnp.int32),
+                         "stage": {"alpha_warmup": jnp.asarray(0, jnp.int32)}}}
 
 
 def test_reference_has_the_same_parameter_tree():
@@ -150,7 +151,7 @@ def test_gs_lora_update_equals_the_straightforward_one(head):
   out = []
   for net in (fast, ref):
     state = train.init_state(params, lora, "", hp, 0, tx)
-    step = jax.jit(train.make_step(forget.make_loss(method, net, "block", 0), tx,
+    step = jax.jit(train.make_step(forget.make_loss(method, net, "block"), tx,
                                    lambda s: 1.0))
     for i in range(3):
       state, metrics = step(state, _batches(jax.random.key(10 + i)))

@@ -220,14 +220,15 @@ def test_method_losses_from_terms():
 
 @functools.lru_cache(maxsize=None)
 def _loss_fn(name):
-  """Jitted loss_fn of method `name` on `_net()`, block groups, 2 warm-up steps."""
-  return jax.jit(forget.make_loss(forget.METHODS[name], _net(), "block", 2))
+  """Jitted loss_fn of method `name` on `_net()`, block groups."""
+  return jax.jit(forget.make_loss(forget.METHODS[name], _net(), "block"))
 
 
 def _loss(name, hp, stage_step, protos=None):
   """(args, loss, terms, reference terms) of a method's loss on fixed R and F batches."""
   r, f = _batch(1), _batch(2)
-  ctx = {"stage_step": jnp.asarray(stage_step, jnp.int32)}
+  ctx = {"stage_step": jnp.asarray(stage_step, jnp.int32),
+         "stage": {"alpha_warmup": jnp.asarray(2, jnp.int32)}}  # 2 warm-up steps
   if protos is not None:
     ctx["protos"] = protos
   args = ({"lora": _random_lora(), "params": {}}, _params(),
@@ -380,8 +381,32 @@ def _digits_config():
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
+  """(run dir, results) of a 2-task digits run; its step traces are counted in TRACES."""
   run_dir = str(tmp_path_factory.mktemp("forget_digits"))
-  return run_dir, runner.run("forget", _digits_config(), run_dir)
+  make_step = train.make_step
+
+  def counted(*args, **kwargs):
+    step = make_step(*args, **kwargs)
+
+    def traced(state, batches):  # runs once per trace (compilation) of the jitted step
+      TRACES.append("alpha_warmup" in state["stage"])  # a forget task's (not pretraining's)
+      return step(state, batches)
+
+    return traced
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train, "make_step", counted)
+    return run_dir, runner.run("forget", _digits_config(), run_dir)
+
+
+TRACES = []
+
+
+def test_tasks_of_different_sizes_share_one_compiled_step(digits_run):
+  _, results = digits_run
+  rows = results["tasks"]
+  assert rows[0]["retain_images"] != rows[1]["retain_images"]  # different steps per task
+  assert TRACES.count(True) == 1  # one trace of the forget step for both tasks
 
 
 def test_digits_job_end_to_end(digits_run):

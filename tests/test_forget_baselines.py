@@ -197,11 +197,13 @@ def test_step_terms_against_direct_forward_passes(name):
   teacher = _randomized(tparams, 9, 0.3)
   r, f = _batch(1), _batch(2)
   ctx = {"stage_step": jnp.int32(0), "teacher": teacher,
+         "stage": {"alpha_warmup": jnp.int32(0), "forget_steps": jnp.int32(1),
+                   "retain_steps": jnp.int32(1)},
          "reg": fb.add_term(fb.empty_reg(teacher), jax.tree.map(jnp.ones_like, teacher),
                             teacher),
          "swa": {"params": teacher, "n": jnp.int32(1)}}
   hp = {k: jnp.float32(v) for k, v in {**HP, **fb.weights(name)}.items()}
-  loss_fn = forget.make_loss(method, _net(), "block", 0, 2, fb.settings(), (1, 1))
+  loss_fn = forget.make_loss(method, _net(), "block", 2, fb.settings())
   _, terms = jax.jit(loss_fn)({"lora": {}, "params": tparams}, frozen, hp,
                               {"retain": r, "forget": f, "ctx": ctx}, jax.random.key(0))
   student, t_params = _params(), trees.combine(frozen, teacher)

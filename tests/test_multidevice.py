@@ -80,10 +80,11 @@ def _forget(net):
         "proto_bound": 0.0, "w_f": 0.0, "w_r": 0.0}
   state = train.init_state(params, lora, "", hp, 0, tx)
   loss = forget.make_loss(forget.get_method("gs_lora"), heads.HeadNetwork(net, "cosface"),
-                             "block", 0)
+                             "block")
   step_fn = train.make_step(loss, tx, lambda s: 1.0)
   return state, step_fn, lambda s: {"retain": _digits(10 * s, 8), "forget": _digits(10 * s + 1, 8),
-                                    "ctx": {"stage_step": np.int32(s)}}
+                                    "ctx": {"stage_step": np.int32(s),
+                                            "stage": {"alpha_warmup": np.int32(0)}}}
 
 
 SETUPS = {"pretrain": (_pretrain, MLP_RULES), "swap": (_swap, SWAP_RULES),

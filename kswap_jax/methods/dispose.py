@@ -243,7 +243,7 @@ def pl_attacker(net: train.Network, train_set: pipeline.ExampleSet,
   if variant not in ATTACKS:
     raise UserError(f"pl.attacks has {variant!r}; allowed: {sorted(ATTACKS)}")
   tx = train.make_optimizer()
-  schedule = functools.partial(train.lr_factor, total_steps=steps)
+  schedule = lambda s: train.lr_factor(s["stage_step"], total_steps=steps)  # noqa: E731
   step = sharding.compile_step(
       train.make_step(supervised_loss(net), tx, schedule, net.rng_impl), mesh)
   sampler = pipeline.EpochSampler(len(train_set), batch_size, seed)

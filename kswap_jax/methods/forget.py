@@ -278,16 +278,16 @@ def get_method(name: str) -> Method:
   return METHODS[name]
 
 
-def make_loss(method: Method, net, group: str, warmup_steps: int, num_forget: int = 0,
-              settings: ml_collections.ConfigDict | None = None,
-              epoch_steps: tuple[int, int] = (0, 0)) -> train.LossFn:
+def make_loss(method: Method, net, group: str, num_forget: int = 0,
+              settings: ml_collections.ConfigDict | None = None) -> train.LossFn:
   """loss_fn(trainable, frozen, hparams, batches, rng) for `train.make_step`.
 
-  batches: {"retain": b, "forget": b, "ctx": {"stage_step": int32 () [, "protos": (K, D)]
+  batches: {"retain": b, "forget": b, "ctx": {"stage_step": int32 (), "stage": {
+  "alpha_warmup": int32 () [, "forget_steps", "retain_steps"]} [, "protos": (K, D)]
   [, "teacher", "reg", "swa"]}}, b = {"images": uint8 (B, H, W, C), "labels": int32 (B,)};
   one forward pass over R and F. net.apply(..., labels=) lets a margin head see the labels.
-  Baselines: num_forget (the task's forget classes), settings (config.baselines),
-  epoch_steps (forget, retain steps per epoch: SCRUB's schedule).
+  alpha_warmup: steps with alpha held at 0; forget_steps, retain_steps: SCRUB's batches per
+  epoch. Baselines: num_forget (the task's forget classes), settings (config.baselines).
   """
   block = fb.lirf_block(net) if method.block else None
 
@@ -308,11 +308,14 @@ def make_loss(method: Method, net, group: str, warmup_steps: int, num_forget: in
       terms["kl_f"] = prototype_kl(ctx["protos"], f["labels"], emb[n:]).mean()
     if method.terms:
       if method.alternate:
-        ctx = {**ctx, "max_step": fb.scrub_max_step(ctx["stage_step"], *epoch_steps)}
+        st = ctx["stage"]
+        ctx = {**ctx, "max_step": fb.scrub_max_step(ctx["stage_step"], st["forget_steps"],
+                                                    st["retain_steps"])}
       terms.update(method.terms(fb.View(
           net, logits, emb, mid, labels, images, n, frozen, trainable["params"], ctx, rng,
           num_forget, settings)))
-    hp = {**hp, "alpha": jnp.where(ctx["stage_step"] >= warmup_steps, hp["alpha"], 0.0)}
+    warm = ctx["stage_step"] >= ctx["stage"]["alpha_warmup"]
+    hp = {**hp, "alpha": jnp.where(warm, hp["alpha"], 0.0)}
     return method.loss(terms, hp), terms
 
   return loss_fn
@@ -623,8 +626,10 @@ class Recipe(recipe.Recipe):
     return prototypes(sums, n)
 
   def stages(self):
+    """One stage per task; tasks with as many forget classes share one loss, and so one
+    compiled step (their sizes are numbers in state["stage"])."""
     tcfg, put = self.config.train, sharding.data_sharding(self.mesh)
-    out = []
+    out, loss_fns = [], {}
     for t, task in enumerate(self.tasks):
       (retain, forget), (rs, fs) = self.sets[t], self.samplers[t]
       spe = rs.steps_per_epoch
@@ -639,11 +644,14 @@ class Recipe(recipe.Recipe):
         return (self.averages() and (s + 1) % spe == 0  # (SWA), or to select
                 or self.swa_at(s, t) or self.selects_at(s, t))
 
+      n = len(task.forget)
+      if n not in loss_fns:
+        loss_fns[n] = make_loss(self.method, self.net, self.config.group, n, self.settings)
       out.append(recipe.Stage(
-          f"task {t}", self.steps(t),
-          make_loss(self.method, self.net, self.config.group, tcfg.warmup_epochs * spe,
-                    len(task.forget), self.settings, epoch_steps),
-          batches, end_ratio=lambda c: c.train.lr_end / c.train.lr, steps_per_epoch=spe,
+          f"task {t}", self.steps(t), loss_fns[n], batches,
+          end_ratio=lambda c: c.train.lr_end / c.train.lr, steps_per_epoch=spe,
+          values={"alpha_warmup": tcfg.warmup_epochs * spe, "forget_steps": epoch_steps[0],
+                  "retain_steps": spe},
           context=_context, begin=lambda m, s, t=t, task=task: self.begin(m, s, t, task),
           end=lambda m, s, t=t, task=task: self.end(m, s, t, task), select_at=select_at,
           select=lambda m, s, t=t, task=task: self.select(m, s, t, task)))
@@ -818,9 +826,9 @@ class Recipe(recipe.Recipe):
 
 
 def _context(state) -> dict:
-  """What a task's loss reads from the state: the stage step, the class prototypes and a
-  baseline's teacher, penalty and weight average."""
-  return {"stage_step": state["stage_step"],
+  """What a task's loss reads from the state: the stage step and numbers, the class
+  prototypes and a baseline's teacher, penalty and weight average."""
+  return {"stage_step": state["stage_step"], "stage": state["stage"],
           **{k: state[k] for k in ("protos", "teacher", "reg", "swa") if k in state}}
 
 
