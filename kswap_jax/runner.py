@@ -385,10 +385,9 @@ def _chunk_stage(rec: recipe.Recipe, st: recipe.Stage, step, members: list[recip
                           may_alias=False)
 
   def begin(state):
-    if st.begin:
-      state = each(st.begin, state)
     numbers = jax.tree.map(lambda *v: np.stack(v), *[st.numbers(m.config) for m in members])
-    return jax.device_put({**state, "stage": numbers}, state_sharding)
+    state = {**state, "stage": numbers}
+    return each(st.begin, state) if st.begin else jax.device_put(state, state_sharding)
 
   out = loop.Stage(st.name, st.num_steps, step, st.batches, begin=begin)
   if st.select:
