@@ -5,13 +5,15 @@ Builds (once, no download) `synthetic_jpegs`: --images generated JPEG images of 
 TFDS array_record dataset in --data_dir/n<images>_c<classes>. Then, each part in a fresh
 process:
 
-  raw decode      Pillow decode of the stored JPEG bytes, one thread: images per CPU-second,
-                  what one core can do at best (every pipeline decodes each image once)
-  pipeline        training batches of --batch images as a job reads them: `ExampleSet` with
-                  random-resized crop (area 0.08-1) + flip to 224 x 224, positions from
-                  `EpochSampler`, made by the grain loader (`kswap_jax.data.loader`) with 0, 1
-                  and 2 workers: images/s and images per CPU-second (process CPU time, all
-                  threads), and that over the raw decode's (goal >= 80%)
+  raw decode      Pillow decode of the stored JPEG bytes (--raw_images of them, in turn) to
+                  uint8 arrays, one thread: images per CPU-second, what one core can do at best
+                  (every pipeline decodes each image once)
+  pipeline        --speed_batches training batches of --batch images as a job reads them:
+                  `ExampleSet` with random-resized crop (area 0.08-1) + flip to 224 x 224,
+                  positions from `EpochSampler`, made by the grain loader
+                  (`kswap_jax.data.loader`) with 0, 1 and 2 workers: images per CPU-second
+                  (process CPU time, all threads, from the loader's start to its last batch),
+                  and that over the raw decode's (goal >= 80%)
   feeding a step  a --variant (default ViT-B/16) full fine-tuning step (AdamW) on --step_batch
                   images from the loader with 0 and 2 workers: the fraction of the time spent
                   waiting for the next batch (the first, compiling step left out); the peak RSS
@@ -19,6 +21,11 @@ process:
   second start    open the dataset, select all classes, make the first batch (imports and the
                   JAX backend start not timed): seconds, without the label index
                   (`kswap_jax.data.label_index`; its file deleted first) and with it
+
+The raw decode and the pipeline alternate: after each batch this thread decodes --batch raw
+images (its own CPU time, taken off the process's for the pipeline), so a load that changes on
+a shared machine weighs on both alike; wall-clock throughput is therefore not measured there
+(the feeding step shows whether the loader keeps up).
 
   python benchmarks/input_speed.py [--images 20000] [--quick] [--data_dir DIR] [--out FILE]
 
@@ -130,35 +137,45 @@ def _batches(examples, batch: int, workers: int, steps: int):
                         workers=workers)
 
 
+def _decode(files: list[bytes]) -> None:
+  """The raw decode: JPEG files -> uint8 (H, W, 3) arrays with Pillow."""
+  for b in files:
+    with Image.open(io.BytesIO(b)) as im:
+      np.asarray(im.convert("RGB"))
+
+
 def phase_speed(a) -> dict:
-  """Raw decode and pipeline throughput (images/s, images per CPU-second)."""
+  """Images per CPU-second of the raw decode and of the pipeline with 0, 1 and 2 workers, the
+  raw decode of a batch's worth of images after each batch (module docstring)."""
   builder = tfds.builder(NAME, data_dir=a.data_dir)
   raw = builder.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})
   data = [raw[int(i)]["image"] for i in np.linspace(0, len(raw) - 1, a.raw_images).astype(int)]
-  t, c = time.perf_counter(), cpu_seconds()
-  for b in data:
-    with Image.open(io.BytesIO(b)) as im:
-      np.asarray(im.convert("RGB"))
-  wall, cpu = time.perf_counter() - t, cpu_seconds() - c
-  out = {"raw_decode": {"images": len(data), "images_per_s": len(data) / wall,
-                        "images_per_cpu_s": len(data) / cpu,
-                        "mean_jpeg_kb": float(np.mean([len(b) for b in data]) / 1024)}}
-  rows = []
+  _decode(data[:a.batch])
+  examples, _ = _train_set(a.data_dir, 0)
+  it = _batches(examples, a.batch, 0, 1)  # JAX's first transfer, not timed
+  next(it)["images"].block_until_ready()
+  it.close()
+  raw_n, raw_cpu, rows = 0, 0.0, []
   for workers in (0, 1, 2):
     examples, _ = _train_set(a.data_dir, workers)
-    it = _batches(examples, a.batch, workers, a.speed_batches + 1)
-    next(it)["images"].block_until_ready()  # first batch: thread start, page cache
-    t, c = time.perf_counter(), cpu_seconds()
+    decode_cpu, c = 0.0, cpu_seconds()
+    it = _batches(examples, a.batch, workers, a.speed_batches)
     for b in it:
       b["images"].block_until_ready()
-    wall, cpu = time.perf_counter() - t, cpu_seconds() - c
-    n = a.speed_batches * a.batch
-    rows.append({"workers": workers, "images": n, "images_per_s": n / wall,
-                 "images_per_cpu_s": n / cpu, "cores_busy": cpu / wall,
-                 "vs_raw_decode_per_core_%": 100 * n / cpu / out["raw_decode"]["images_per_cpu_s"]})
+      t = time.thread_time()
+      _decode([data[(raw_n + k) % len(data)] for k in range(a.batch)])
+      decode_cpu += time.thread_time() - t
+      raw_n += a.batch
     it.close()
-  out["pipeline"] = rows
-  return out
+    n, cpu = a.speed_batches * a.batch, cpu_seconds() - c - decode_cpu
+    raw_cpu += decode_cpu
+    rows.append({"workers": workers, "images": n, "images_per_cpu_s": n / cpu,
+                 "raw_decode_images_per_cpu_s": n / decode_cpu,
+                 "vs_raw_decode_per_core_%": 100 * decode_cpu / cpu})
+  return {"raw_decode": {"images": raw_n, "distinct_images": len(data),
+                         "images_per_cpu_s": raw_n / raw_cpu,
+                         "mean_jpeg_kb": float(np.mean([len(b) for b in data]) / 1024)},
+          "pipeline": rows}
 
 
 def phase_train(a) -> dict:
@@ -224,8 +241,9 @@ def child(a, phase: str, *extra: str) -> dict:
   """Runs `phase` in a fresh process (niced as this one); its JSON result. Every part runs in
   its own process, as the peak RSS a process reports includes its parent's at the fork."""
   args = [sys.executable, os.path.abspath(__file__), "--phase", phase, "--data_dir",
-          a.data_dir, "--images", str(a.images), "--classes", str(a.classes), "--batch", str(a.batch), "--speed_batches", str(a.speed_batches),
-          "--raw_images", str(a.raw_images), "--variant", a.variant, "--step_batch",
+          a.data_dir, "--images", str(a.images), "--classes", str(a.classes), "--batch",
+          str(a.batch), "--speed_batches", str(a.speed_batches), "--raw_images",
+          str(a.raw_images), "--variant", a.variant, "--step_batch",
           str(a.step_batch), "--train_steps", str(a.train_steps), *extra]
   env = {**os.environ, "KSWAP_CACHE": os.path.join(a.data_dir, "label_cache"),
          "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
@@ -261,6 +279,7 @@ def main():
     a.speed_batches, a.raw_images, a.step_batch, a.train_steps = 4, 200, 8, 2
   a.data_dir = os.path.join(a.data_dir, f"n{a.images}_c{a.classes}")
   built = child(a, "build")
+  load_before = os.getloadavg()[0]
   speed = child(a, "speed")
   starts = {"without_label_index": child(a, "start", "--uncached"),
             "with_label_index": child(a, "start")}
@@ -271,6 +290,7 @@ def main():
   config = {k: v for k, v in vars(a).items()
             if k not in ("data_dir", "phase", "uncached", "out", "note")}
   result = {"cpu_count": os.cpu_count(), "config": config, "note": a.note, "dataset": built,
+            "load_average_1min": [load_before, os.getloadavg()[0]],  # before speed, at the end
             **speed, "second_start": starts, "feeding_step": feed}
   out = a.out or os.path.join(RESULTS, "input_speed_quick.json" if a.quick else
                               "input_speed.json")
@@ -278,7 +298,7 @@ def main():
   raw = speed["raw_decode"]
   print(f"raw JPEG decode (Pillow, 1 thread): {raw['images_per_cpu_s']:.0f} images per "
         f"CPU-second, {raw['mean_jpeg_kb']:.0f} KiB a file")
-  print(table(speed["pipeline"], ["workers", "images_per_s", "images_per_cpu_s", "cores_busy",
+  print(table(speed["pipeline"], ["workers", "images_per_cpu_s", "raw_decode_images_per_cpu_s",
                                   "vs_raw_decode_per_core_%"], "{:.1f}"))
   print(f"feeding a ViT-{a.variant} step ({a.step_batch} images):")
   print(table(feed["rows"], ["workers", "step_s", "wait_s", "waiting_%"], "{:.3f}"))

@@ -1,6 +1,8 @@
 """Reading real datasets: the label index, TFRecord datasets, evaluation resizing, training
-augmentation (seeded per step and slot), the image cache budget, decoding threads, and the
-grain loader (same batches with any worker count, its state in checkpoints)."""
+augmentation (seeded per step and slot), the image cache budget, image files decoded by the
+sets, decoding threads, and the grain loader (same batches with any worker count, its state in
+checkpoints)."""
+import dataclasses
 import io
 import json
 import os
@@ -234,6 +236,41 @@ def test_paper_configs_read_images_as_the_authors_do():
   assert (dispose.train_crop, dispose.flip) == ("random_resized", True)
   for data in (gs_lora, swap, dispose):
     assert data.cache_images == "auto"
+
+
+def test_files_decoded_here_give_the_pixels_of_the_decoded_arrays(jpegs, tmp_path):
+  """Sets read image files (`Source.encoded`) with Pillow, straight to the crop and resize:
+  the pixels of resizing the decoded `Source.image` arrays, for TFDS JPEGs and folder files of
+  several modes; files of other modes, and broken ones, are read through `image`."""
+  rng = np.random.default_rng(0)
+  kinds = [("RGB", "JPEG"), ("L", "JPEG"), ("RGB", "PNG"), ("P", "PNG"), ("CMYK", "JPEG")]
+  for k, (mode, fmt) in enumerate(kinds):
+    os.makedirs(tmp_path / "folder/train" / f"c{k}")
+    for i in range(3):
+      Image.fromarray(rng.integers(0, 255, (30 + i, 40 - i, 3), np.uint8)).convert(mode).save(
+          tmp_path / "folder/train" / f"c{k}" / f"{i}.{fmt.lower()}", fmt)
+  tfds_src = sources.open_source("striped_jpegs", "train", jpegs)
+  folder_src = sources.open_source(f"folder:{tmp_path / 'folder'}", "train")
+  for src, through_image in ((tfds_src, []), (folder_src, [3, 4])):
+    calls = []
+    counted = dataclasses.replace(src, image=lambda i, s=src: calls.append(i) or s.image(i))
+    for channels, resize, aug in ((3, 24, pipeline.Augment("random_resized", 0.1, True)),
+                                  (1, 0, pipeline.Augment("random_resized", 0.5, True)),
+                                  (3, 0, pipeline.Augment(flip=True))):
+      classes, plain = range(len(src.class_names)), dataclasses.replace(src, encoded=None)
+      sets = [pipeline.select(s, classes, classes, image_size=16, channels=channels,
+                              cache=False, resize=resize, augment=aug) for s in (counted, plain)]
+      pos = np.arange(len(sets[0]))
+      for read in (lambda e: e.images(pos), lambda e: e.train_images(pos, (4, 2), pos)):
+        calls.clear()
+        np.testing.assert_array_equal(read(sets[0]), read(sets[1]))
+        assert sorted(set(src.labels[calls].tolist())) == through_image
+  path = tmp_path / "folder/train/c0/0.jpeg"
+  path.write_bytes(path.read_bytes()[:-400])  # truncated past its header
+  broken = pipeline.select(sources.open_source(f"folder:{tmp_path / 'folder'}", "train"), [0],
+                           [0], image_size=16, channels=3, cache=False)
+  with pytest.raises(UserError, match="0.jpeg' cannot be decoded"):
+    broken.images(np.arange(3))
 
 
 def test_decoding_threads_give_the_same_images():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from concurrent import futures
 import dataclasses
+import io
 import math
 from typing import Callable, Iterator, Sequence
 
@@ -66,33 +67,42 @@ def _channels(image: np.ndarray, channels: int) -> np.ndarray:
   raise UserError(f"cannot turn {image.shape[-1]}-channel images into {channels} channels")
 
 
-def _resize(image: np.ndarray, width: int, height: int, box=None) -> np.ndarray:
-  """uint8 (H, W, C) -> (height, width, C), bilinear (Pillow's, antialiased when shrinking);
-  box: (left, top, right, bottom), the region resized (default all of it)."""
-  if image.shape[-1] == 1:
-    out = Image.fromarray(image[..., 0]).resize((width, height), Image.BILINEAR, box)
-    return np.asarray(out)[..., None]
-  return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR, box))
+def _pillow(image: np.ndarray | Image.Image, channels: int) -> Image.Image:
+  """A decoded image, uint8 (H, W[, C]) or Pillow's in mode "L" or "RGB", as a Pillow image of
+  `channels` channels; grey <-> RGB as needed."""
+  if isinstance(image, Image.Image):
+    mode = "L" if channels == 1 else "RGB"
+    return image if image.mode == mode else image.convert(mode)
+  image = _channels(image, channels)
+  return Image.fromarray(image[..., 0] if channels == 1 else image)
 
 
-def resize(image: np.ndarray, size: int, channels: int, shorter: int = 0) -> np.ndarray:
-  """uint8 (H, W[, C]) -> (size, size, channels), bilinear; grey <-> RGB as needed.
+def _array(image: Image.Image) -> np.ndarray:
+  """A Pillow image -> uint8 (H, W, C), read-only."""
+  out = np.asarray(image)
+  return out[..., None] if out.ndim == 2 else out
+
+
+def resize(image: np.ndarray | Image.Image, size: int, channels: int,
+           shorter: int = 0) -> np.ndarray:
+  """uint8 (H, W[, C]) (or a Pillow image in mode "L" or "RGB") -> read-only uint8 (size, size,
+  channels), bilinear (Pillow's, antialiased when shrinking); grey <-> RGB as needed.
 
   shorter: 0 resizes straight to size x size (the aspect ratio is not kept); else the shorter
   side is resized to `shorter` (>= size; the longer side keeps the aspect ratio, rounded down)
   and the centre size x size taken (torchvision's Resize(shorter) + CenterCrop(size)).
   """
-  image = _channels(image, channels)
-  h, w = image.shape[:2]
+  image = _pillow(image, channels)
+  w, h = image.size
   if shorter:
     nh, nw = (shorter, int(shorter * w / h)) if h <= w else (int(shorter * h / w), shorter)
     if (nh, nw) != (h, w):
-      image = _resize(image, nw, nh)
+      image = image.resize((nw, nh), Image.BILINEAR)
     top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
-    image = image[top:top + size, left:left + size]
+    image = image.crop((left, top, left + size, top + size))
   elif (h, w) != (size, size):
-    image = _resize(image, size, size)
-  return image.astype(np.uint8)
+    image = image.resize((size, size), Image.BILINEAR)
+  return _array(image)
 
 
 CROPS = ("none", "random_resized")  # Augment.crop
@@ -154,6 +164,9 @@ class ExampleSet:
     the decoded image, so they are never cached.
   workers: threads that decode a batch's images (0: the calling thread). Pillow decodes and
     resizes without holding the GIL, and the images do not depend on the thread count.
+  Images whose source keeps their files (`Source.encoded`) are decoded by Pillow here and
+  cropped and resized as Pillow images, with no copy to numpy between; the pixels are those of
+  resizing the decoded `Source.image` array.
   """
 
   def __init__(self, source: Source, indices: np.ndarray, labels: np.ndarray, image_size: int,
@@ -181,8 +194,26 @@ class ExampleSet:
     """The source image at position p as stored, uint8 (H', W', C')."""
     return self.source.image(self.indices[p])
 
+  def _picture(self, p: int) -> np.ndarray | Image.Image:
+    """The source image at position p: decoded by Pillow from its file (mode "L" or "RGB") where
+    the source keeps one and the set has 1 or 3 channels, else `decoded(p)`. A file of another
+    mode, or that Pillow fails on, is read by `decoded` (which says why it cannot)."""
+    data = None
+    if self.source.encoded is not None and self.shape[2] in (1, 3):
+      data = self.source.encoded(self.indices[p])
+    if data is None:
+      return self.decoded(p)
+    try:
+      image = Image.open(io.BytesIO(data))
+      if image.mode in ("L", "RGB"):
+        image.load()
+        return image
+    except (OSError, SyntaxError):  # Pillow's errors for truncated or corrupt data
+      pass
+    return self.decoded(p)
+
   def _view(self, p: int) -> np.ndarray:
-    return resize(self.decoded(p), self.shape[0], self.shape[2], self.resize)
+    return resize(self._picture(p), self.shape[0], self.shape[2], self.resize)
 
   def _map(self, fn: Callable, *args) -> list:
     return list(self._pool.map(fn, *args) if self._pool else map(fn, *args))
@@ -205,19 +236,23 @@ class ExampleSet:
     if not self.augment.active:
       return self.images(positions)
     rngs = [np.random.default_rng([*key, int(slot), int(p)]) for slot, p in zip(slots, positions)]
-    if self.augment.crop == "none":
-      out = self.images(positions)
-    else:
-      out = np.stack(self._map(self._random_crop, positions, rngs))
-    if self.augment.flip:
-      flip = np.array([rng.random() < 0.5 for rng in rngs], bool)
-      out[flip] = out[flip, :, ::-1]
+    if self.augment.crop != "none":
+      return np.stack(self._map(self._random_crop, positions, rngs))
+    out = self.images(positions)  # flip only
+    for j, rng in enumerate(rngs):
+      if rng.random() < 0.5:
+        out[j] = out[j, :, ::-1]
     return out
 
   def _random_crop(self, p: int, rng: np.random.Generator) -> np.ndarray:
-    image = _channels(self.decoded(p), self.shape[2])
-    box = crop_box(rng, *image.shape[:2], self.augment.crop_min_area)
-    return _resize(image, self.shape[0], self.shape[0], box).astype(np.uint8)
+    """The random crop (then flip) of image p, uint8 (H, W, C), read-only; rng draws the crop
+    box, then the flip."""
+    image = _pillow(self._picture(p), self.shape[2])
+    box = crop_box(rng, image.height, image.width, self.augment.crop_min_area)
+    image = image.resize((self.shape[1], self.shape[0]), Image.BILINEAR, box)
+    if self.augment.flip and rng.random() < 0.5:
+      image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return _array(image)
 
   def classes(self) -> np.ndarray:
     return np.unique(self.labels)
@@ -286,6 +321,10 @@ class _Union(ExampleSet):
   def decoded(self, p: int) -> np.ndarray:
     part, q = self._part(p)
     return part.decoded(q)
+
+  def _picture(self, p: int) -> np.ndarray | Image.Image:
+    part, q = self._part(p)
+    return part._picture(q)  # pylint: disable=protected-access
 
   def _view(self, p: int) -> np.ndarray:
     part, q = self._part(p)

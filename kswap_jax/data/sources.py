@@ -1,10 +1,10 @@
 """Random-access image-classification sources: TFDS datasets by name, or a local folder.
 
-A `Source` has `labels` (N,) int64, `class_names` (K,), and `image(i)` -> uint8 (H, W, C).
-TFDS datasets are read with `builder.as_data_source`, which needs no TensorFlow for
-array_record files (JPEG/PNG decoded with Pillow); their labels are read once per split and
-kept in a file (`label_index`). TFRecord-format datasets are refused with the command that
-converts them. `folder:/path` reads
+A `Source` has `labels` (N,) int64, `class_names` (K,), `image(i)` -> uint8 (H, W, C), and
+where it keeps image files, `encoded(i)` -> the file's bytes. TFDS datasets are read with
+`builder.as_data_source`, which needs no TensorFlow for array_record files (JPEG/PNG decoded
+with Pillow); their labels are read once per split and kept in a file (`label_index`).
+TFRecord-format datasets are refused with the command that converts them. `folder:/path` reads
 `/path/<split>/<class name>/<image file>`; opening it reads every file's header and refuses
 (UserError naming it) a class folder without images or a file Pillow cannot identify. A file
 truncated past its header is refused when first decoded.
@@ -28,11 +28,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 @dataclasses.dataclass
 class Source:
+  """encoded: None, or a function of i: the stored file (JPEG, PNG, ...) of image i, or None
+  where it has none. Pillow decodes a file whose mode is "L" or "RGB" to `image(i)` (whose grey
+  images may repeat their one channel)."""
   name: str
   split: str
   labels: np.ndarray
   class_names: list[str]
   image: Callable[[int], np.ndarray]
+  encoded: Callable[[int], bytes | None] | None = None
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -86,7 +90,8 @@ def open_source(name: str, split: str, data_dir: str | None = None,
   else:  # no split records (`tfds.testing.mock_data`): read this split's labels each time
     labels = read(split)(np.arange(len(ds)))
   names = getattr(label_feature, "names", None) or [str(c) for c in range(255)]
-  return Source(name, split, labels, list(names), lambda i: np.asarray(ds[int(i)][image_key]))
+  return Source(name, split, labels, list(names), lambda i: np.asarray(ds[int(i)][image_key]),
+                _files(builder, split, image_key))
 
 
 def nested(record, path: str):
@@ -132,6 +137,24 @@ def _label_reader(builder, image_key: str, label_key: str,
                                  np.int64, len(idx))
 
 
+def _files(builder, split: str, image_key: str) -> Callable[[int], bytes | None] | None:
+  """`Source.encoded` of a TFDS split: its uint8 `Image` feature `image_key` as stored (None
+  for another feature; each file None where reading it so needs TensorFlow, as
+  `tfds.testing.mock_data` does)."""
+  feature = builder.info.features[image_key]
+  if not isinstance(feature, tfds.features.Image) or feature.np_dtype != np.uint8:
+    return None
+  raw = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+
+  def encoded(i: int) -> bytes | None:
+    try:
+      return raw[int(i)][image_key]
+    except ImportError:
+      return None
+
+  return encoded
+
+
 def _folder_source(root: str, split: str) -> Source:
   d = os.path.join(root, split)
   if not os.path.isdir(d):
@@ -171,7 +194,11 @@ def _folder_source(root: str, split: str) -> Source:
       raise UserError(f"image file {files[int(i)]!r} cannot be decoded ({e}); replace or "
                       f"remove it") from None
 
-  return Source(f"folder:{root}", split, np.asarray(labels, np.int64), classes, image)
+  def encoded(i: int) -> bytes:
+    with open(files[int(i)], "rb") as f:
+      return f.read()
+
+  return Source(f"folder:{root}", split, np.asarray(labels, np.int64), classes, image, encoded)
 
 
 def parse_classes(spec: Any, class_names: Sequence[str], what: str) -> list[int]:
