@@ -110,6 +110,13 @@ def _swap_config(task, **kw):
   c.init.pretrain.data.fraction = 0.1
   for s in ("retain", "forget", "learn"):
     c.sets[s].fraction = 0.15
+  # Evaluation on a quarter of the test scenes (each set keeps 18 or more), in batches of 8:
+  # every set is at least one full batch, so each network compiles one evaluation shape.
+  # Checkpoints only at the ends of stages (no test here resumes).
+  for d in (c.data, c.init.pretrain.data):
+    d.update(test_split="test[:25%]", eval_batch_size=8)
+  for cfg in (c, c.init.pretrain):
+    cfg.checkpoint.every_steps = 0
   c.update(kw)
   return c
 
@@ -119,6 +126,8 @@ def det_study(tmp_path_factory):
   """A 2-member detection study (pretraining included) and member 1's single run."""
   d = tmp_path_factory.mktemp("det")
   c = config_lib.sweep("swap", _swap_config("detection"), {}, runlocal=True)
+  c.base.data.val_split = "train[90%:95%]"  # validation sets of 46 / 14 / 12 scenes
+  c.checkpoint.every_steps = 0
   c.members = ({"train.lr": 1e-2}, {"train.lr": 3e-3, "weights.forget": 1.0})
   study = runner.sweep(c, str(d / "study"))
   single = sweep.member_config(c.base, c.members[1])

@@ -249,7 +249,9 @@ def _run_config(method):
   c = _config("forget_digits", f"runlocal,method={method}")
   c.sets.retain.per_class = 4      # tasks of several steps: room to resume inside task 1
   c.baselines.superepochs = 1
-  c.init.pretrain.checkpoint.every_steps = 0
+  # Checkpoints at the ends of stages only (runlocal saves every 2 steps); the resume test
+  # sets its own interval.
+  c.checkpoint.every_steps = c.init.pretrain.checkpoint.every_steps = 0
   c.log_every = 10**6
   return c
 
@@ -325,6 +327,7 @@ def test_study_members_equal_their_single_runs(pretrained, single_runs, tmp_path
       own = {f"weights.{k}": v for k, v in fb.METHOD_WEIGHTS.get(m, {}).items()}
       members.append({"method": m, **own, **a})
   c = config_lib.sweep("forget", base, {}, True)
+  c.checkpoint.every_steps = 0
   c.members = members
   c.grid = {}
   res = runner.sweep(c, str(tmp_path))

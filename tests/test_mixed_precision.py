@@ -128,5 +128,6 @@ def test_bfloat16_pretraining_converges(tmp_path):
   config = config_lib.load(os.path.join(CONFIGS, "pretrain_digits.py"), "runlocal")
   config.model.dtype = "bfloat16"
   config.train.update(epochs=4, batch_size=32, lr=3e-3)
+  config.checkpoint.every_steps = 0  # a checkpoint at the end only (runlocal saves every 2)
   results = runner.run("pretrain", config, str(tmp_path))
   assert results["test_accuracy"] >= 50.0

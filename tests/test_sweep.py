@@ -30,8 +30,17 @@ def _config(**overrides):
     c.base.sets[s].fraction = 0.2
   c.grid = {}
   c.members = MEMBERS
+  _end_checkpoints_only(c)
   c.update(overrides)
   return c
+
+
+def _end_checkpoints_only(c):
+  """Checkpoints at the ends of stages only, for a study, its pretraining and its members'
+  single runs (runlocal saves every 2 steps; the resume test below sets its own)."""
+  for cfg in (c, c.base, c.base.init.get("pretrain")):
+    if cfg is not None:
+      cfg.checkpoint.every_steps = 0
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +90,9 @@ def _forget_config():
                       "runlocal,method=gs_lora_pp")
   c.base.sets.retain.per_class = 4  # tasks of 12 and 9 steps, LoRA chosen after each epoch
   c.base.train.epochs = 3
-  c.base.init.pretrain.checkpoint.every_steps = 0
   c.grid = {}
   c.members = FORGET_MEMBERS
+  _end_checkpoints_only(c)
   return c
 
 
@@ -185,6 +194,7 @@ def test_dispose_members_equal_single_runs(tmp_path):
   c = config_lib.load(os.path.join(ROOT, "configs", "sweep_dispose_digits.py"), "runlocal")
   c.grid = {}
   c.members = DISPOSE_MEMBERS
+  _end_checkpoints_only(c)
   res = runner.sweep(c, str(tmp_path / "sweep"))
   for f in ("sweep.json", "pareto.png", "best/model/model.json", "transfer/checkpoints"):
     assert os.path.exists(tmp_path / "sweep" / f)
