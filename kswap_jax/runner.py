@@ -229,7 +229,7 @@ def _model_params(rec: recipe.Recipe, initial: State, model: str) -> dict:
   if (paths.of(model) / "checkpoints").is_dir():
     ckpts = checkpoints.Checkpoints(os.fspath(paths.of(model) / "checkpoints"), 1, 1)
     try:
-      restored = ckpts.restore(initial)
+      restored = ckpts.restore({**initial, "stage": rec.stages()[-1].numbers(rec.config)})
     finally:
       ckpts.close()
   if restored is None:
