@@ -1,8 +1,17 @@
-"""Shared fixtures: a private TFDS data dir so tests never touch the user's, and one on-disk
+"""Shared fixtures: a private TFDS data dir so tests never touch the user's, one on-disk
 compilation cache for the session (and the processes it starts), so the many runs of the same
-tiny configs compile each program once."""
+tiny configs compile each program once, and XLA's quick compilation (below)."""
+import os
+
 import jax
 import pytest
+
+# The suite compiles hundreds of programs for tiny models, and compiling costs more CPU time
+# than running them: XLA's backend optimisation is turned off for the session and the processes
+# it starts (jax_disable_most_optimizations: LLVM at -O0; the same HLO, its results equal within
+# float rounding). JAX_DISABLE_MOST_OPTIMIZATIONS=0 in the environment runs the suite fully
+# optimised.
+QUICK_COMPILE = os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -15,6 +24,9 @@ def _tfds_data_dir(tmp_path_factory):
                       ("jax_persistent_cache_min_entry_size_bytes", 0)):
     mp.setenv(name.upper(), str(value))  # processes the tests start
     jax.config.update(name, value)
+  mp.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", QUICK_COMPILE)
+  jax.config.update("jax_disable_most_optimizations",
+                    QUICK_COMPILE.lower() in ("1", "true", "yes", "on"))
   yield
   mp.undo()
 

@@ -228,6 +228,11 @@ def digits_dir(tmp_path_factory):
 def test_dispose_digits_end_to_end(tmp_path, digits_dir):
   config = _config("dispose_digits", "runlocal")
   config.data.data_dir = config.init.pretrain.data.data_dir = digits_dir
+  # Run-time settings that change no result: checkpoints at the ends of stages only (runlocal
+  # saves every 2 steps), evaluation in batches of 16 (one compiled shape, not one per set size).
+  for c in (config, config.init.pretrain):
+    c.checkpoint.every_steps = 0
+    c.data.eval_batch_size = 16
   results = runner.run("dispose", config, str(tmp_path))
   assert [r["after"] for r in results["evals"]] == ["pretrained", "transfer", "dispose"]
   assert set(results["pl"]) == {"linear", "full"}
@@ -250,6 +255,7 @@ def test_dispose_cifar10_config_on_mock_data(tmp_path):
   config = _config("dispose_cifar10", f"runlocal,checkpoint={npz},method=random_label,finetune=lora")
   config.data.data_dir = str(tmp_path / "tfds")
   config.pl.attacks = ("linear",)
+  config.checkpoint.every_steps = 0  # at the ends of stages only (runlocal saves every 2 steps)
   with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
     results = runner.run("dispose", config, str(tmp_path / "run"))
   assert [r["after"] for r in results["evals"]] == ["pretrained", "transfer", "dispose"]

@@ -371,10 +371,12 @@ def test_keep_best_and_group_report():
 
 # --- the job ----------------------------------------------------------------------------
 
-def _digits_config():
+def _digits_config(every_steps: int = 0):
+  """every_steps: the checkpoint interval; 0 (runs that resume nothing): at the ends of stages
+  only."""
   c = _config("forget_digits", "runlocal")
   c.sets.retain.per_class = 4      # tasks of 4 and 3 steps: room to resume inside task 1
-  c.checkpoint.every_steps = 1
+  c.checkpoint.every_steps = every_steps
   c.init.pretrain.checkpoint.every_steps = 0
   return c
 
@@ -466,7 +468,7 @@ class _Interrupt(Exception):
 
 def test_resume_mid_sequence_equals_an_uninterrupted_run(digits_run, tmp_path):
   run_dir, results = digits_run
-  c = _digits_config()
+  c = _digits_config(every_steps=1)
   c.init.checkpoint = os.path.join(run_dir, "pretrain", "model")
   save = checkpoints.Checkpoints.maybe_save
 

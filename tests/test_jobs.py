@@ -31,6 +31,15 @@ def _pretrain_config():
   return c
 
 
+def _quick(*configs):
+  """Run-time settings that change no result, for runs whose test resumes nothing: checkpoints
+  at the ends of stages only (runlocal saves every 2 steps) and evaluation in batches of 16
+  (every evaluation set fills whole padded batches: one compiled shape, not one per set)."""
+  for c in configs:
+    c.checkpoint.every_steps = 0
+    c.data.eval_batch_size = 16
+
+
 def _fault_config():
   """`_pretrain_config` saving every step, keeping five checkpoints."""
   c = _pretrain_config()
@@ -174,6 +183,7 @@ def test_swap_digits_runlocal(tmp_path, order):
   c.init.pretrain.data.fraction = 0.15
   for s in ("retain", "forget", "learn"):
     c.sets[s].fraction = 0.2
+  _quick(c, c.init.pretrain)
   res = runner.run("swap", c, str(tmp_path))
   kinds = [k for k, _, _ in swap.plan(order)]
   assert [r["after"] for r in res["evals"]] == ["pretrained"] + kinds
@@ -194,6 +204,7 @@ def test_swap_starts_from_a_npz_on_the_digits_config(tmp_path):
     c.sets[s].fraction = 0.2
   model = vit.ViT(num_classes=7, **vit.get_variant(c.init.pretrain.model.variant))
   c.init.checkpoint = str(tmp_path / "digits0-6.npz")
+  _quick(c)
   npz_lib.save_npz(c.init.checkpoint, vit.init_params(model, jax.random.key(0), (8, 8, 1)))
   res = runner.run("swap", c, str(tmp_path / "run"))
   assert [r["after"] for r in res["evals"]] == ["pretrained", "learn", "forget"]
@@ -280,6 +291,8 @@ def test_a_diverged_study_member_is_marked_and_the_others_finish(tmp_path):
     c.base.sets[s].fraction = 0.2
   c.grid = {}
   c.members = ({"train.lr": 1e-2}, {"train.lr": 1e10})
+  c.checkpoint.every_steps = 0
+  _quick(c.base, c.base.init.pretrain)
   res = runner.sweep(c, str(tmp_path))
   good, bad = res["members"]
   assert bad.get("diverged") and bad["score"] == -np.inf

@@ -30,17 +30,21 @@ def _config(**overrides):
     c.base.sets[s].fraction = 0.2
   c.grid = {}
   c.members = MEMBERS
-  _end_checkpoints_only(c)
+  _quick_settings(c)
   c.update(overrides)
   return c
 
 
-def _end_checkpoints_only(c):
-  """Checkpoints at the ends of stages only, for a study, its pretraining and its members'
-  single runs (runlocal saves every 2 steps; the resume test below sets its own)."""
-  for cfg in (c, c.base, c.base.init.get("pretrain")):
-    if cfg is not None:
-      cfg.checkpoint.every_steps = 0
+def _quick_settings(c, eval_batch_size: int = 16):
+  """Run-time settings that change no result, for a study, its pretraining and its members'
+  single runs: checkpoints at the ends of stages only (runlocal saves every 2 steps; the resume
+  test below sets its own) and, unless eval_batch_size is 0, evaluation in batches of that
+  size, so that every evaluation set fills whole (padded) batches and each network compiles
+  one evaluation shape, not one per set size."""
+  for cfg in (c, c.base, c.base.init.pretrain):
+    cfg.checkpoint.every_steps = 0
+    if eval_batch_size and "data" in cfg:
+      cfg.data.eval_batch_size = eval_batch_size
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +96,7 @@ def _forget_config():
   c.base.train.epochs = 3
   c.grid = {}
   c.members = FORGET_MEMBERS
-  _end_checkpoints_only(c)
+  _quick_settings(c, eval_batch_size=0)  # a forget run evaluates in one shape already
   return c
 
 
@@ -194,7 +198,7 @@ def test_dispose_members_equal_single_runs(tmp_path):
   c = config_lib.load(os.path.join(ROOT, "configs", "sweep_dispose_digits.py"), "runlocal")
   c.grid = {}
   c.members = DISPOSE_MEMBERS
-  _end_checkpoints_only(c)
+  _quick_settings(c)
   res = runner.sweep(c, str(tmp_path / "sweep"))
   for f in ("sweep.json", "pareto.png", "best/model/model.json", "transfer/checkpoints"):
     assert os.path.exists(tmp_path / "sweep" / f)
