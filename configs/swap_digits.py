@@ -34,6 +34,9 @@ def get_config(arg=None):
                     r"(MlpBlock_0/Dense_[01]|MultiHeadDotProductAttention_0/(query|key|value|out))")
   c.head = "train"            # "frozen": new head rows stay at their random init
   c.sparse_group = "block"    # block | layer | matrix
+  # LBF's forget stage trains on R' = R + L in one loader (KnowledgeSwapping
+  # semantic-segmentation/swapping_fltf.py:707); "paired" (ours): L as its own batch.
+  c.learn_replay = "joined"
   c.weights = ml_collections.ConfigDict(dict(
       learn=1.0, retain_in_learn=1.0, retain=1.0, forget=0.2, bound=15.0, sparse=0.005))
   c.train = ml_collections.ConfigDict(dict(

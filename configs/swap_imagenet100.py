@@ -59,6 +59,9 @@ def get_config(arg=None):
   # classes' head rows stay as initialised. head="train" (ours) also trains the head.
   c.head = "frozen"
   c.sparse_group = "block"
+  # LBF's forget stage trains on R' = R + L in one loader (KnowledgeSwapping
+  # semantic-segmentation/swapping_fltf.py:707); "paired" (ours): L as its own batch.
+  c.learn_replay = "joined"
   # Loss weights (engine_cl.py: learn stage loss_learn + beta * loss_remain + alpha * S, line
   # 271; forget stage loss_remain + beta * loss_forget + alpha * S, line 86) and the script's
   # values (scripts/first_forget.sh: --beta 0.2 --alpha 0.005 --BND 105).

@@ -1,7 +1,7 @@
 """The training loop: a sequence of stages, checkpointed and resumable at any step.
 
 A stage's batches come through a grain iterator (`kswap_jax.data.loader`), made ahead of the
-step by `workers` threads; its state is saved with each checkpoint and restored on resume.
+step by `data.workers` threads (`loader.Ahead`); its state is saved with each checkpoint and restored on resume.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class Stage:
 
 def run(state: State, stages: list[Stage], ckpts: Checkpoints, workdir: str,
         log_every: int, stop_nonfinite: bool = True, log: MetricsLog | None = None,
-        workers: int = 0) -> State:
+        ahead: loader.Ahead = loader.Ahead()) -> State:
   """Runs the stages from the latest checkpoint (or from the start) and returns the state.
 
   stop_nonfinite: stop with a `Diverged` error when a logged loss is not finite, and never
@@ -48,8 +48,8 @@ def run(state: State, stages: list[Stage], ckpts: Checkpoints, workdir: str,
   study, whose members may diverge alone, passes False.
   log: the run's metrics stream (default: a new one of `workdir`), rewound to the restored
   step, its step (counted across stages) and stage kept current; closed at the end.
-  workers: threads making each stage's batches ahead of its step (`loader.iterate`); the
-  batches, and so the result, are the same for any number.
+  ahead: threads making each stage's batches ahead of its step and how many may wait
+  (`loader.iterate`); the batches, and so the result, are the same for any numbers.
   """
   log = log or MetricsLog(workdir)
   try:
@@ -72,7 +72,7 @@ def run(state: State, stages: list[Stage], ckpts: Checkpoints, workdir: str,
         state = st.begin({**state, "stage_step": jnp.zeros_like(state["stage_step"])})
       if done < end:
         progress = Progress(log, st.num_steps, log_every, stage=st.name)
-        batches = _batches(st, ckpts, max(done, offset) - offset, done, workers)
+        batches = _batches(st, ckpts, max(done, offset) - offset, done, ahead)
         try:
           for g in range(max(done, offset), end):
             state, metrics = st.step(state, next(batches))
@@ -115,11 +115,11 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _batches(st: Stage, ckpts: Checkpoints, start: int, done: int, workers: int):
+def _batches(st: Stage, ckpts: Checkpoints, start: int, done: int, ahead: loader.Ahead):
   """The grain iterator of `st`'s batches from stage step `start`; resumed inside the stage
   (start > 0), it takes the input state of checkpoint `done` where that has one, which must
   be the step's."""
-  batches = loader.iterate(st.batches, st.num_steps, start, workers)
+  batches = loader.iterate(st.batches, st.num_steps, start, ahead)
   if start and ckpts.restore_input(done, batches) and batches.get_state() != loader.state_at(
       start):
     batches.close()

@@ -35,6 +35,7 @@ from kswap_jax import builders, checkpoints, config_lib, loop, methods, metrics_
 from kswap_jax import paths, sharding
 from kswap_jax import sweep as sweep_lib
 from kswap_jax import train, trees, workdir
+from kswap_jax.data import loader
 from kswap_jax.errors import UserError
 from kswap_jax.progress import say, table
 
@@ -134,7 +135,7 @@ def _train_one(rec: recipe.Recipe, member: recipe.Member, stages: list[recipe.St
     return out
 
   return loop.run(state, [loop_stage(i, st) for i, st in enumerate(stages)], ckpts, run_dir,
-                  settings.log_every, log=log, workers=_workers(rec))
+                  settings.log_every, log=log, ahead=_ahead(rec))
 
 
 def _shared_steps(stages: list[recipe.Stage], make) -> list:
@@ -147,9 +148,12 @@ def _shared_steps(stages: list[recipe.Stage], make) -> list:
   return [made[(st.loss, st.context)] for st in stages]
 
 
-def _workers(rec: recipe.Recipe) -> int:
-  """Threads making training batches ahead of the step: data.workers of the run's config."""
-  return rec.config.data.get("workers", config_lib.READ_DEFAULTS["workers"])
+def _ahead(rec: recipe.Recipe) -> loader.Ahead:
+  """How training batches are made ahead of the step: data.workers and data.prefetch of the
+  run's config (`config_lib.READ_DEFAULTS` where unset)."""
+  data = rec.config.data
+  return loader.Ahead(*(data.get(k, config_lib.READ_DEFAULTS[k]) for k in ("workers",
+                                                                          "prefetch")))
 
 
 def measure_mia(rec: recipe.Recipe, member: recipe.Member, state: State, stage: int,
@@ -360,7 +364,7 @@ def _train_members(rec: recipe.Recipe, configs: dict[int, ml_collections.ConfigD
     ckpts = checkpoints.Checkpoints(os.path.join(chunk_dir, "checkpoints"),
                                     settings.checkpoint.every_steps, settings.checkpoint.keep)
     state = loop.run(state, loop_stages, ckpts, chunk_dir, settings.log_every,
-                     stop_nonfinite=False, workers=_workers(rec))
+                     stop_nonfinite=False, ahead=_ahead(rec))
     for j, m in enumerate(members):
       yield idx[chunk[j]], m, sweep_lib.member_state(state, j)
 

@@ -38,7 +38,7 @@ from kswap_jax.errors import UserError
 # Fields (and sections) that may differ between a run and its continuation: they do not change
 # what the run computes. They hold in a sweep's base config and a pretrain config too.
 RESUMABLE_FIELDS = ("checkpoint", "log_every", "host_memory", "data.eval_batch_size",
-                    "data.cache_images", "data.cache_budget_gb", "data.workers")
+                    "data.cache_images", "data.cache_budget_gb", "data.workers", "data.prefetch")
 _NESTED_RUN = re.compile(r"^(?:base\.|init\.pretrain\.)+")
 
 

@@ -288,14 +288,16 @@ def test_grain_loader_gives_the_same_batches_with_any_worker_count():
   put = sharding.data_sharding(sharding.make_mesh())
   batch_of = lambda s: pipeline.batch(ex, sampler.positions(s), put)  # noqa: E731
   want = [np.asarray(batch_of(s)["images"]) for s in range(6)]
-  for workers in (0, 2):
+  for ahead in (loader.Ahead(), loader.Ahead(2), loader.Ahead(3, prefetch=1)):
     for start in (0, 4):
-      it = loader.iterate(batch_of, 6, start, workers)
+      it = loader.iterate(batch_of, 6, start, ahead)
       got = [np.asarray(b["images"]) for b in it]
       assert len(got) == 6 - start and it.get_state() == loader.state_at(6)
       for g, w in zip(got, want[start:]):
         np.testing.assert_array_equal(g, w)
       it.close()
+  with pytest.raises(UserError, match="data.prefetch=2 needs data.workers >= 1"):
+    loader.Ahead(0, prefetch=2)
 
 
 def _loop_run(run_dir: str, workers: int) -> dict:
@@ -318,7 +320,7 @@ def _loop_run(run_dir: str, workers: int) -> dict:
   state = {"step": jnp.zeros((), jnp.int32), "stage_step": jnp.zeros((), jnp.int32),
            "trainable": {"w": jnp.zeros((12, 12, 1), jnp.float32)}}
   return loop.run(state, stages, checkpoints.Checkpoints(os.path.join(run_dir, "ckpt"), 1, 3),
-                  run_dir, log_every=100, workers=workers)
+                  run_dir, log_every=100, ahead=loader.Ahead(workers))
 
 
 def _interrupted_at(run_dir: str, workers: int, step: int) -> None:

@@ -135,8 +135,13 @@ def test_swap_plan_and_head_growth():
   assert [k for k, _, _ in swap.plan("lbf")] == ["learn", "forget"]
   assert swap.plan("lbf")[1][1] == "retain+learn" and swap.plan("fbl")[0][1] == "retain"
   assert [k for k, _, _ in swap.plan("simultaneous")] == ["swap"]
+  assert swap.plan("lbf", "paired") == [("learn", "retain", ("learn",)),
+                                        ("forget", "retain", ("learn", "forget"))]
+  assert swap.plan("fbl", "paired") == swap.plan("fbl")  # no stage trains on R + L
   with pytest.raises(UserError, match="order='bfl'"):
     swap.plan("bfl")
+  with pytest.raises(UserError, match="learn_replay='mixed'"):
+    swap.plan("lbf", "mixed")
   params = {"head": {"kernel": np.ones((4, 3), np.float32), "bias": np.ones(3, np.float32)}}
   grown = heads.grow_head(params, 2, jax.random.key(0))
   assert grown["head"]["kernel"].shape == (4, 5)
@@ -161,16 +166,18 @@ def test_swap_stage_losses_match_their_formulas():
   ce = {n: losses.cross_entropy(net.apply(params, lora, b["images"]), b["labels"])
         for n, b in batches.items()}
   s = losses.group_sparse(lora)
-  expect = {
-      "learn": 1.5 * ce["learn"] + 0.3 * ce["retain"] + 0.01 * s,
-      "forget": 0.7 * ce["retain"] + 0.2 * max(0.0, 3.0 - ce["forget"]) + 0.01 * s,
-      "swap": 1.5 * ce["learn"] + 0.7 * ce["retain"] + 0.2 * max(0.0, 3.0 - ce["forget"])
-              + 0.01 * s,
+  bounded = 0.2 * max(0.0, 3.0 - ce["forget"])
+  expect = {  # (kind, the sets it is given) -> the loss
+      ("learn", ("learn", "retain")): 1.5 * ce["learn"] + 0.3 * ce["retain"] + 0.01 * s,
+      ("forget", ("forget", "retain")): 0.7 * ce["retain"] + bounded + 0.01 * s,
+      # LBF's forget stage with learn_replay="paired": L its own weighted term
+      ("forget", ("forget", "learn", "retain")):
+          1.5 * ce["learn"] + 0.7 * ce["retain"] + bounded + 0.01 * s,
+      ("swap", ("forget", "learn", "retain")):
+          1.5 * ce["learn"] + 0.7 * ce["retain"] + bounded + 0.01 * s,
   }
-  for kind, value in expect.items():
-    used = {k: batches[k] for k in ("retain", "forget", "learn")
-            if k == "retain" or (k == "learn") == (kind != "forget") or
-            (k == "forget" and kind == "swap")}
+  for (kind, names), value in expect.items():
+    used = {k: batches[k] for k in names}
     # dropout off (model dropout 0), so train=True equals the eval forward
     loss, _ = swap.stage_loss(net, kind, "block")(trainable, params, hp, used,
                                                    jax.random.key(0))

@@ -5,6 +5,7 @@ fresh interpreter (`python tests/test_multidevice.py SCENARIO OUT [ARGS]`) whose
 for fake host devices; it writes its results to OUT as .npz files, compared here with the
 same computation run in-process on one device.
 """
+import json
 import os
 import socket
 import subprocess
@@ -12,12 +13,13 @@ import sys
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kswap_jax import lora as lora_lib
-from kswap_jax import checkpoints, heads, losses, sharding, train, trees
-from kswap_jax.data import pipeline, sources
+from kswap_jax import checkpoints, heads, losses, loop, sharding, train, trees
+from kswap_jax.data import loader, pipeline, sources
 from kswap_jax.errors import UserError
 from kswap_jax.methods import forget, swap
 from kswap_jax.models import vit
@@ -201,15 +203,81 @@ def _host_run(ckpt_dir: str, steps: int = 3):
   return np.asarray([x.addressable_data(0) for x in out]), state, restored, sorted(set(seen))
 
 
-def scenario_multihost(out: str, ckpt_dir: str, port: str, pid: str) -> None:
+def _init_multihost(port: str, pid: str) -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                              process_id=int(pid))
   assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
+
+
+def scenario_multihost(out: str, ckpt_dir: str, port: str, pid: str) -> None:
+  _init_multihost(port, pid)
   loss, state, restored, seen = _host_run(ckpt_dir)
   np.savez(os.path.join(out, f"process_{pid}.npz"), loss=loss, seen=np.asarray(seen),
            **{f"trained/{k}": v for k, v in _flat(state).items()},
            **{f"restored/{k}": v for k, v in _flat(restored).items()})
+  jax.distributed.shutdown()
+
+
+RESUME_STAGES = (("a", 2, 0), ("b", 3, 1))  # (name, steps, sampler seed)
+
+
+def scenario_multihost_resume(out: str, run_dir: str, port: str, pid: str, stop_at: str) -> None:
+  """`loop.run` of two stages on global batches split over both processes' devices; stopped
+  once its checkpoint of step `stop_at` is written (0: never). A run that ends writes
+  <out>/<run_dir name>_<pid>.npz: the final state, the (stage index, stage step) of every
+  batch this process made, and each input state restored (step, restored, iterator state)."""
+  _init_multihost(port, pid)
+  examples = _memory_set([])
+  mesh = sharding.make_mesh({"data": -1})
+  put = sharding.data_sharding(mesh)
+  made, restored = [], []
+
+  def step_fn(state, b):
+    # Each slot of each batch weighs in differently, in step order: any other batch shows.
+    # Sums of integer pixels are exact in float32, so the reduction order does not matter.
+    slot = jnp.arange(1, 17, dtype=jnp.float32)[:, None, None, None]
+    w = 0.9 * state["trainable"]["w"] + jnp.sum(slot * b["images"].astype(jnp.float32), 0)
+    return ({"step": state["step"] + 1, "stage_step": state["stage_step"] + 1,
+             "trainable": {"w": w}}, {"loss": jnp.mean(w)})
+
+  def batches(stage, sampler, s):
+    made.append((stage, s))
+    return pipeline.batch(examples, sampler.positions(s), put)
+
+  step = sharding.compile_step(step_fn, mesh)
+  stages = [loop.Stage(name, n, step, lambda s, k=k, smp=pipeline.EpochSampler(
+      len(examples), 16, seed): batches(k, smp, s))
+            for k, (name, n, seed) in enumerate(RESUME_STAGES)]
+  state = jax.device_put({"step": np.int32(0), "stage_step": np.int32(0),
+                          "trainable": {"w": np.zeros((8, 8, 1), np.float32)}},
+                         sharding.replicated(mesh))
+  restore_input = checkpoints.Checkpoints.restore_input
+  save = checkpoints.Checkpoints.maybe_save
+
+  def recorded_restore(self, at, iterator):
+    ok = restore_input(self, at, iterator)
+    restored.append((at, ok, iterator.get_state()["next_index"]))
+    return ok
+
+  def stop_after(self, at, state, force=False, iterator=None):
+    save(self, at, state, force, iterator)
+    if at == int(stop_at):
+      raise KeyboardInterrupt
+
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(checkpoints.Checkpoints, "restore_input", recorded_restore)
+    m.setattr(checkpoints.Checkpoints, "maybe_save", stop_after)
+    ckpts = checkpoints.Checkpoints(os.path.join(run_dir, "ckpt"), 2, 3)
+    try:
+      state = loop.run(state, stages, ckpts, run_dir, log_every=100, ahead=loader.Ahead(2))
+    except KeyboardInterrupt:
+      assert int(stop_at)
+    else:
+      assert not int(stop_at)
+      np.savez(os.path.join(out, f"{os.path.basename(run_dir)}_{pid}.npz"),
+               made=np.asarray(made).reshape(-1, 2),
+               restored=np.asarray(restored, np.int64).reshape(-1, 3), **_flat(state))
   jax.distributed.shutdown()
 
 
@@ -307,6 +375,31 @@ def test_two_processes_match_one(tmp_path):
     mine = {int(p) for s in range(len(loss)) for p in sampler.positions(s)[8 * i:8 * (i + 1)]}
     assert set(r["seen"]) == mine
   assert set(runs[0]["seen"]) | set(runs[1]["seen"]) == set(seen)
+
+
+def test_two_processes_resume_with_their_input_states(tmp_path):
+  """Interrupted inside stage b and resumed, two processes read the batches of an
+  uninterrupted run: each restores its own saved grain state and makes only the rest."""
+  def run(name, stop_at):
+    port = _free_port()
+    return [_spawn("multihost_resume", tmp_path, tmp_path / name, port, i, stop_at, devices=2)
+            for i in range(2)]
+
+  _check(*run("full", 0), *run("resumed", 4))  # checkpoint 4: stage b (steps 3-5), step 2
+  for i in range(2):
+    saved = tmp_path / "resumed" / "ckpt" / "4" / "input" / f"process_{i}-of-2.json"
+    assert json.loads(saved.read_text()) == loader.state_at(2)
+  _check(*run("resumed", 0))
+  full = [_load(tmp_path / f"full_{i}.npz") for i in range(2)]
+  for i in range(2):
+    resumed = _load(tmp_path / f"resumed_{i}.npz")
+    # Sums of integer pixels are exact, so even the cross-process reduction matches exactly.
+    chex.assert_trees_all_equal(resumed["trainable/w"], full[0]["trainable/w"])
+    assert int(resumed["step"]) == 5
+    assert full[i]["made"].tolist() == [[k, s] for k, (_, n, _) in enumerate(RESUME_STAGES)
+                                        for s in range(n)]
+    assert resumed["made"].tolist() == [[1, 2]]
+    assert resumed["restored"].tolist() == [[4, 1, 2]] and not len(full[i]["restored"])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ Orders (config `order`), each a list of (stage kind, main set, paired sets):
   simultaneous one stage with all three losses (R main, L and F paired); ours: the authors'
                combined training puts L into R's loader instead of a weighted term
   learn        the learn stage only; forget: the forget stage only (for layer studies)
+How LBF's forget stage replays L (config `learn_replay`): "joined", L's images in R's loader
+(R' = R + L, one CE; the authors' default), or "paired" (ours): L its own batch beside R and F,
+weighted by weights.learn as in the learn stage, so L keeps the share of the loss it had
+however the sizes of R and L compare.
 
 The task is the model's (`kswap_jax.tasks`): a classifier (top-1, `acc_*`), a detector (COCO
 box AP50 and AP, `ap50_*`, `ap_*`) or a segmenter (mIoU, `miou_*`); each set's loss is the
@@ -42,16 +46,25 @@ ORDERS = {
     "learn": [("learn", "retain", ("learn",))],
     "forget": [("forget", "retain", ("forget",))],
 }
+LEARN_REPLAY = ("joined", "paired")
 HEAD_MODES = {"train": "head/.*", "frozen": ""}  # head -> regex of the trained params
 # Loss weights and the bound, all arrays in state["hparams"] (a study may vary them).
 HPARAMS = ("learn", "retain_in_learn", "retain", "forget", "bound", "sparse")
 SETS = ("retain", "forget", "learn")
 
 
-def plan(order: str):
+def plan(order: str, learn_replay: str = "joined"):
+  """The order's stages, [(kind, main set, paired sets)], with L replayed as `learn_replay`
+  says where a stage trains on R' = R + L."""
   if order not in ORDERS:
     raise UserError(f"order={order!r} is not allowed; use one of {sorted(ORDERS)}")
-  return ORDERS[order]
+  if learn_replay not in LEARN_REPLAY:
+    raise UserError(f"learn_replay={learn_replay!r} is not allowed; use one of "
+                    f"{list(LEARN_REPLAY)}")
+  if learn_replay == "joined":
+    return ORDERS[order]
+  return [(kind, "retain", ("learn", *paired)) if main == "retain+learn" else
+          (kind, main, paired) for kind, main, paired in ORDERS[order]]
 
 
 def classification_loss(logits: jax.Array, batch: dict, name: str) -> jax.Array:
@@ -70,6 +83,7 @@ def stage_loss(net: train.Network, kind: str, group: str,
   dense task's loss in its place (`tasks.Dense.set_loss`).
     learn:  learn * CE(L) + retain_in_learn * CE(R) + sparse * S
     forget: retain * CE(R') + forget * relu(bound - CE(F)) + sparse * S
+            (+ learn * CE(L) where L is a paired set: learn_replay="paired")
     swap:   learn * CE(L) + retain * CE(R) + forget * relu(bound - CE(F)) + sparse * S
   """
 
@@ -86,7 +100,7 @@ def stage_loss(net: train.Network, kind: str, group: str,
       start += size
     sparse = losses.group_sparse(trainable["lora"], group)
     total = hp["sparse"] * sparse
-    if kind in ("learn", "swap"):
+    if "learn" in ce:
       total += hp["learn"] * ce["learn"]
     if kind == "learn":
       total += hp["retain_in_learn"] * ce["retain"]
@@ -126,7 +140,7 @@ class Recipe(recipe.Recipe):
 
   def __init__(self, config, run_dir, init, mesh):
     super().__init__(config, run_dir, init, mesh)
-    plan(config.order)
+    plan(config.order, config.learn_replay)
     if config.head not in HEAD_MODES:
       raise UserError(f"head={config.head!r} is not allowed; use one of {sorted(HEAD_MODES)}")
     self.params, self.model_cfg, labels = builders.initial_model(config, init)
@@ -174,7 +188,7 @@ class Recipe(recipe.Recipe):
                  (pipeline.concat, pipeline.batch))
     set_loss = self.task.set_loss if self.task else classification_loss
     out = []
-    for kind, main, paired in plan(self.config.order):
+    for kind, main, paired in plan(self.config.order, self.config.learn_replay):
       main_set = (join(train_set["retain"], train_set["learn"], "retain+learn")
                   if main == "retain+learn" else train_set[main])
       main_sampler = pipeline.EpochSampler(len(main_set), tcfg.batch_size, seed)

@@ -1,0 +1,29 @@
+"""A 4-member validation study of the segmentation swap (configs/swap_seg_scenes.py): how LBF's
+forget stage replays the learn classes (learn_replay) x lr. It chose the config's values.
+
+  kswap sweep --config configs/sweep_swap_seg_scenes.py --workdir runs/sweep_swap_seg_scenes
+
+Arguments: order, seed, runlocal. Train / validation / test: train[:90%] / train[90%:] / test,
+pretraining included; the best member by val mIoU_R + mIoU_L - mIoU_F. lr members are vmapped
+side by side; the two learn_replay groups run one after the other.
+"""
+import os
+
+from kswap_jax import config_lib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+JOB = "sweep"  # the kswap job this config is for
+# Its arguments (`--config FILE:key=value,flag`) and their defaults.
+ARGS = {"runlocal": False, "order": "lbf", "seed": 0}
+
+
+def get_config(arg=None):
+  a = config_lib.parse_arg(arg, **ARGS)
+  base = config_lib.load(os.path.join(HERE, "swap_seg_scenes.py"),
+                         f"order={a.order},seed={a.seed}" + (",runlocal" if a.runlocal else ""))
+  c = config_lib.sweep("swap", base, dict(learn_replay=("joined", "paired"),
+                                          train=dict(lr=(3e-3, 6e-3))), a.runlocal)
+  c.checkpoint.every_steps = 0  # the members' checkpoints at the ends of stages only
+  return c
