@@ -172,7 +172,7 @@ def scenes_swap(task: str, a: ml_collections.ConfigDict) -> ml_collections.Confi
   c.sparse_group = "block"
   # LBF's forget stage: detection joins L's images into R's loader as the authors do
   # (KnowledgeSwapping semantic-segmentation/swapping_fltf.py:707); segmentation replays L as
-  # its own batch (ours, swap.LEARN_REPLAY), where joined replay cost the learn classes 17-23
+  # its own batch (ours, swap.LEARN_REPLAY), where joined replay cost the learn classes 15-19
   # points of validation mIoU in the forget stage. Segmentation's learn_replay and lr were
   # chosen on validation by configs/sweep_swap_seg_scenes.py (seed 0, LBF).
   c.learn_replay = "paired" if task == "segmentation" else "joined"

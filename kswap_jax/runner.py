@@ -291,7 +291,7 @@ def sweep(config: ml_collections.ConfigDict, run_dir: str) -> dict:
         if best is None or (rows[i]["score"], -i) > (best[0], -best[1]):
           best = (rows[i]["score"], i, released, rec)
     _, b, params, rec = best
-    results = {"members": rows, "best": b, "score": cls.score_text}
+    results = {"members": rows, "best": b, "score": rec.score_text}
     workdir.write_json(os.path.join(run_dir, "sweep.json"), results)
     keys = list(dict.fromkeys(k for a in assignments for k in a))
     say(table(rows, ["member", *keys, *rec.columns, "score"], floatfmt="{:.4g}"))

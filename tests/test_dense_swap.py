@@ -154,6 +154,7 @@ def test_study_member_equals_its_single_run(det_study):
   study, single, _ = det_study
   for k in ("ap50_r", "ap50_f", "ap50_l", "val_ap50_r", "val_ap50_l"):
     assert study["members"][1][k] == pytest.approx(single["evals"][-1][k], abs=1e-4), k
+  assert study["score"] == "val AP50_R + val AP50_L - val AP50_F"  # the task's metric
 
 
 def test_segmentation_swap_reports_each_set(tmp_path):

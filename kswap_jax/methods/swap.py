@@ -150,6 +150,7 @@ class Recipe(recipe.Recipe):
       m = self.metrics[0]
       self.columns = (*(f"{m}_{s}" for s in "rfl"), *(f"val_{m}_{s}" for s in "rfl"))
       self.pareto = tuple((f"{m}_{s}", f"{m.upper()}_{s.upper()}") for s in "rfl")
+      self.score_text = "val {0}_R + val {0}_L - val {0}_F".format(m.upper())
     data, learn = config.data, config.sets.learn
     src = builders.source(data, learn.dataset, builders.split_of(data, learn, "train"))
     new_ids = sources.parse_classes(learn.classes, src.class_names, "sets.learn.classes")
