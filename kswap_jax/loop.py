@@ -1,7 +1,8 @@
 """The training loop: a sequence of stages, checkpointed and resumable at any step.
 
 A stage's batches come through a grain iterator (`kswap_jax.data.loader`), made ahead of the
-step by `data.workers` threads (`loader.Ahead`); its state is saved with each checkpoint and restored on resume.
+step by `data.workers` threads (`loader.Ahead`); its state is saved with each checkpoint and
+restored on resume.
 """
 from __future__ import annotations
 

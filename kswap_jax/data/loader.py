@@ -9,9 +9,9 @@ iterator's state, {"next_index": s} after s batches, is saved with each checkpoi
 `Ahead(workers, prefetch)`: grain threads that make the next batches while the device runs a
 step (workers 0: each batch is made when the step asks for it, in the calling thread), and how
 many batches may wait, already placed on the devices (prefetch 0: 2 * workers). A waiting batch
-holds device memory: lower prefetch when batches are large. Threads, not processes: Pillow decodes and resizes with the GIL
-released, and a batch holds device arrays (`pipeline.to_global`), which a worker process
-cannot hand over.
+holds device memory: lower prefetch when batches are large. Threads, not processes: Pillow
+decodes and resizes with the GIL released, and a batch holds device arrays
+(`pipeline.to_global`), which a worker process cannot hand over.
 """
 from __future__ import annotations
 
