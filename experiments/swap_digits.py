@@ -7,12 +7,13 @@ Writes swap_digits.json (the command, wall seconds, the run's results.json evalu
 environment.json: packages, processor, devices) and swap_digits.md (the table).
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+
+from kswap_jax import workdir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -30,15 +31,12 @@ def main():
     start = time.perf_counter()
     subprocess.run(cli, cwd=ROOT, check=True)
     wall = time.perf_counter() - start
-    with open(os.path.join(work, "results.json")) as f:
-      evals = json.load(f)["evals"]
-    with open(os.path.join(work, "environment.json")) as f:
-      environment = json.load(f)
+    evals = workdir.read_json(os.path.join(work, "results.json"))["evals"]
+    environment = workdir.read_json(os.path.join(work, "environment.json"))
   command = " ".join(COMMAND) + " --workdir runs/swap_digits"
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "swap_digits.json"), "w") as f:
-    json.dump({"command": command, "wall_s": round(wall, 1), "evals": evals,
-               "environment": environment}, f, indent=1)
+  workdir.write_json(os.path.join(args.out, "swap_digits.json"),
+                     {"command": command, "wall_s": round(wall, 1), "evals": evals,
+                      "environment": environment})
   lines = ["| after | " + " | ".join(name for _, name in COLUMNS) + " |",
            "|---|" + "---:|" * len(COLUMNS)]
   lines += [f"| {r['after']} | " + " | ".join(f"{r[k]:.2f}" for k, _ in COLUMNS) + " |"
