@@ -37,6 +37,9 @@ def get_config(arg=None):
   # LBF's forget stage trains on R' = R + L in one loader (KnowledgeSwapping
   # semantic-segmentation/swapping_fltf.py:707); "paired" (ours): L as its own batch.
   c.learn_replay = "joined"
+  # A study's ranking (methods.swap.Recipe.score): no retain condition (a metric in percent
+  # never falls 100 points).
+  c.select_retain_drop = 100.0
   c.weights = ml_collections.ConfigDict(dict(
       learn=1.0, retain_in_learn=1.0, retain=1.0, forget=0.2, bound=15.0, sparse=0.005))
   c.train = ml_collections.ConfigDict(dict(

@@ -62,6 +62,9 @@ def get_config(arg=None):
   # LBF's forget stage trains on R' = R + L in one loader (KnowledgeSwapping
   # semantic-segmentation/swapping_fltf.py:707); "paired" (ours): L as its own batch.
   c.learn_replay = "joined"
+  # A study's ranking (methods.swap.Recipe.score): no retain condition (a metric in percent
+  # never falls 100 points).
+  c.select_retain_drop = 100.0
   # Loss weights (engine_cl.py: learn stage loss_learn + beta * loss_remain + alpha * S, line
   # 271; forget stage loss_remain + beta * loss_forget + alpha * S, line 86) and the script's
   # values (scripts/first_forget.sh: --beta 0.2 --alpha 0.005 --BND 105).

@@ -1,11 +1,12 @@
-"""An 8-member validation study of the segmentation swap (configs/swap_seg_scenes.py): how LBF's
-forget stage replays the learn classes (learn_replay) x lr x the retain weight of the learn
-stage. It chose the config's values.
+"""A 24-member validation study of the segmentation swap (configs/swap_seg_scenes.py): how LBF's
+forget stage replays the learn classes (learn_replay) x lr x the learn classes' loss weight x
+the group-sparse weight. It chose the config's values.
 
   kswap sweep --config configs/sweep_swap_seg_scenes.py --workdir runs/sweep_swap_seg_scenes
 
 Arguments: order, seed, runlocal. Train / validation / test: train[:90%] / train[90%:] / test,
-pretraining included; the best member by val mIoU_R + mIoU_L - mIoU_F. The lr and weight
+pretraining included; the best member by val mIoU_R + mIoU_L - mIoU_F among those whose val
+mIoU_R stays within select_retain_drop (5) points of the pretrained model's. The lr and weight
 members are vmapped side by side; the two learn_replay groups run one after the other.
 """
 import os
@@ -26,6 +27,6 @@ def get_config(arg=None):
                          f"order={a.order},seed={a.seed}" + (",runlocal" if a.runlocal else ""))
   c = config_lib.sweep("swap", base, dict(
       learn_replay=("joined", "paired"), train=dict(lr=(3e-3, 6e-3)),
-      weights=dict(retain_in_learn=(1.0, 3.0))), a.runlocal)
+      weights=dict(learn=(0.35, 0.5, 1.0), sparse=(0.0, 0.005))), a.runlocal)
   c.checkpoint.every_steps = 0  # the members' checkpoints at the ends of stages only
   return c

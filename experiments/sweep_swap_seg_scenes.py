@@ -7,7 +7,7 @@ reported, not run again) and collects its sweep.json and every member's evaluati
 
 Writes sweep_swap_seg_scenes.json (sweep.json and each member's results.json "evals") and
 sweep_swap_seg_scenes.md (validation mIoU of R and L after the learn stage and of R, F, L after
-the forget stage, per member).
+the forget stage, and the score, per member).
 """
 import argparse
 import glob
@@ -38,21 +38,22 @@ def main():
   command = f"kswap sweep --config {CONFIG} --workdir runs/sweep_swap_seg_scenes"
   workdir.write_json(os.path.join(args.out, "sweep_swap_seg_scenes.json"),
                      {"command": command, **study, "evals": dict(sorted(evals.items()))})
-  lines = ["| member | learn_replay | lr | retain_in_learn | val R / L after learn | "
-           "val R / F / L after forget | score |", "|---|---|---|---|---|---|---|"]
+  lines = ["| member | learn_replay | lr | learn weight | sparse weight | val R / L after learn | "
+           "val R / F / L after forget | score |", "|---|---|---|---|---|---|---|---|"]
   for m in study["members"]:
     stage = {r["after"]: r for r in evals[str(m["member"])]}
     learn, forget = stage["learn"], stage["forget"]
     best = " (best)" if m["member"] == study["best"] else ""
     lines.append(
         f"| {m['member']}{best} | {m['learn_replay']} | {m['train.lr']:g} | "
-        f"{m['weights.retain_in_learn']:g} | {learn['val_miou_r']:.1f} / "
+        f"{m['weights.learn']:g} | {m['weights.sparse']:g} | {learn['val_miou_r']:.1f} / "
         f"{learn['val_miou_l']:.1f} | {forget['val_miou_r']:.1f} / {forget['val_miou_f']:.1f} / "
         f"{forget['val_miou_l']:.1f} | {m['score']:.2f} |")
   pre = evals[str(study["members"][0]["member"])][0]
   lines += ["", f"Validation mIoU (%) of the retain (R), forget (F) and learn (L) sets, seed 0, "
             f"LBF; pretrained (train[:90%]) val R {pre['val_miou_r']:.1f}, F "
-            f"{pre['val_miou_f']:.1f}, L {pre['val_miou_l']:.1f}. Score: {study['score']}. "
+            f"{pre['val_miou_f']:.1f}, L {pre['val_miou_l']:.1f} (test R {pre['miou_r']:.1f}). Score: "
+            f"{study['score']} (those: -300 - the shortfall). "
             f"Command: `python experiments/sweep_swap_seg_scenes.py` (`{command}`)."]
   with open(os.path.join(args.out, "sweep_swap_seg_scenes.md"), "w") as f:
     f.write("\n".join(lines) + "\n")

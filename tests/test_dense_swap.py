@@ -2,9 +2,11 @@
 runlocal swap of each task, a study member against its single run, real-data configs on mock
 data, refused input."""
 import os
+import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -13,6 +15,7 @@ from scipy import optimize
 from kswap_jax import config_lib, dense_metrics, matching, runner, sweep
 from kswap_jax.data import dense, scenes, sources
 from kswap_jax.errors import UserError
+from kswap_jax.methods import swap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -154,7 +157,26 @@ def test_study_member_equals_its_single_run(det_study):
   study, single, _ = det_study
   for k in ("ap50_r", "ap50_f", "ap50_l", "val_ap50_r", "val_ap50_l"):
     assert study["members"][1][k] == pytest.approx(single["evals"][-1][k], abs=1e-4), k
-  assert study["score"] == "val AP50_R + val AP50_L - val AP50_F"  # the task's metric
+  assert study["score"].startswith("val AP50_R + val AP50_L - val AP50_F; below all others "
+                                   "where val AP50_R fell more than 5 points")  # the task's metric
+  pretrained = next(r for r in single["evals"] if r["after"] == "pretrained")
+  assert study["members"][1]["val_ap50_r_pretrained"] == pytest.approx(
+      pretrained["val_ap50_r"], abs=1e-4)
+
+
+def test_study_score_ranks_members_that_keep_retain_first():
+  rec = types.SimpleNamespace(metrics=("miou",),
+                              config=ml_collections.ConfigDict({"select_retain_drop": 5.0}))
+  score = lambda r, l, f, pre=60.0: swap.Recipe.score(rec, {  # noqa: E731
+      "val_miou_r": r, "val_miou_l": l, "val_miou_f": f, "val_miou_r_pretrained": pre})
+  kept = [score(55.5, 20.0, 10.0), score(58.0, 40.0, 0.0)]
+  lost = [score(54.0, 90.0, 0.0), score(30.0, 100.0, 0.0)]
+  assert kept == [65.5, 98.0]
+  assert max(lost) < min(kept)        # a high learn score does not buy a retain loss back
+  assert lost[0] > lost[1]            # among those that lost R: the smaller shortfall first
+  assert score(40.0, 50.0, 0.0, pre=float("nan")) == 90.0  # no pretrained value: no condition
+  rec.config.select_retain_drop = 100.0
+  assert score(30.0, 100.0, 0.0) == 130.0
 
 
 def test_segmentation_swap_reports_each_set(tmp_path):

@@ -130,7 +130,9 @@ class Recipe(recipe.Recipe):
   """Knowledge Swapping: a LoRA (and the head, with head="train") through the order's stages.
 
   A study varies the seed (new head columns, LoRA init, dropout), lr, weight decay and the
-  loss weights; its score is Acc_R + Acc_L - Acc_F on validation.
+  loss weights; its score is Acc_R + Acc_L - Acc_F on validation, and a member whose val Acc_R
+  fell more than config.select_retain_drop points below the pretrained model's ranks below
+  every member that kept it (`score`; ours: the swap's aim is to keep R first).
   """
   name = "swap"
   sweepable = ("seed", "train.lr", "train.weight_decay", *(f"weights.{k}" for k in HPARAMS))
@@ -151,6 +153,9 @@ class Recipe(recipe.Recipe):
       self.columns = (*(f"{m}_{s}" for s in "rfl"), *(f"val_{m}_{s}" for s in "rfl"))
       self.pareto = tuple((f"{m}_{s}", f"{m.upper()}_{s.upper()}") for s in "rfl")
       self.score_text = "val {0}_R + val {0}_L - val {0}_F".format(m.upper())
+    if config.select_retain_drop < 100:
+      self.score_text += (f"; below all others where val {self.metrics[0].upper()}_R fell more "
+                          f"than {config.select_retain_drop:g} points below the pretrained's")
     data, learn = config.data, config.sets.learn
     src = builders.source(data, learn.dataset, builders.split_of(data, learn, "train"))
     new_ids = sources.parse_classes(learn.classes, src.class_names, "sets.learn.classes")
@@ -261,12 +266,20 @@ class Recipe(recipe.Recipe):
       plot(member.results, member.dir, self.metrics[0])
 
   def row(self, member):
-    last = member.results["evals"][-1]
-    return {k: last[k] for k in self.columns}
+    evals = member.results["evals"]
+    pretrained = next(r for r in evals if r["after"] == "pretrained")
+    key = f"val_{self.metrics[0]}_r"
+    return {**{k: evals[-1][k] for k in self.columns},
+            **({f"{key}_pretrained": pretrained[key]} if key in pretrained else {})}
 
   def score(self, row):
+    """val R + L - F; -300 - the shortfall where val R fell more than select_retain_drop
+    below the pretrained model's (R + L - F is never below -100)."""
     m = self.metrics[0]
-    return row[f"val_{m}_r"] + row[f"val_{m}_l"] - row[f"val_{m}_f"]
+    total = row[f"val_{m}_r"] + row[f"val_{m}_l"] - row[f"val_{m}_f"]
+    short = (row.get(f"val_{m}_r_pretrained", -np.inf) - self.config.select_retain_drop
+             - row[f"val_{m}_r"])
+    return total if not short > 0 else -300.0 - short
 
   def evaluate_model(self, member, state):
     """Acc_R / Acc_F / Acc_L (and their validation values) of the model."""
