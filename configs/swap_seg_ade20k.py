@@ -23,6 +23,9 @@ def get_config(arg=None):
   a = config_lib.parse_arg(arg, **ARGS)
   data = config_lib.imagenet_data(224 if not a.runlocal else 32)
   data.update(dataset=a.dataset, test_split="test", label_key="annotation",
-              mask_key="annotation", mask_zero="ignore")
+              mask_key="annotation", mask_zero="ignore",
+              # the scenes' random affine warp (dense.affine_of), off here; on with e.g.
+              # --config.data.affine.rotate=15 --config.init.pretrain.data.affine.rotate=15
+              affine=dict(rotate=0.0, zoom=0.0, shear=0.0))
   model = dict(variant="B/16" if not a.runlocal else "Nano/8", pixel_dim=32, decoder_depth=1)
   return config_lib.tfds_swap("segmentation", a, data, model)

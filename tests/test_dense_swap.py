@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from scipy import optimize
 
 from kswap_jax import config_lib, dense_metrics, matching, runner, sweep
-from kswap_jax.data import dense, scenes, sources
+from kswap_jax.data import dense, pipeline, scenes, sources
 from kswap_jax.errors import UserError
 from kswap_jax.methods import swap
 
@@ -105,6 +105,52 @@ def test_scene_masks_and_boxes_agree(tmp_path):
       covered[y0:y1, x0:x1] = True
     assert not (mask[~covered] > 0).any()  # every mask pixel lies in a box
     assert set(np.unique(mask)) <= {0, r["label"] + 1}
+
+
+def _scene_set(data_dir, affine):
+  """The segmentation set of the test scenes of classes 0-2 with data.affine = affine."""
+  data = config_lib.scenes_data("segmentation")
+  data.update(data_dir=str(data_dir), affine=affine)
+  src = sources.open_source("digit_scenes", "test", str(data_dir))
+  ex = pipeline.select(src, [0, 1, 2], [0, 1, 2], image_size=32, channels=1)
+  return dense.example_set("segmentation", data, ex, [0, 1, 2], [0, 1, 2])
+
+
+def test_affine_warp_moves_image_and_mask_together(tmp_path):
+  scenes.prepare(str(tmp_path))
+  warped = _scene_set(tmp_path, dict(rotate=30.0, zoom=0.2, shear=0.2))
+  still = _scene_set(tmp_path, dict(rotate=0.0, zoom=0.0, shear=0.0))
+  assert still.affine is None and warped.affine == (30.0, 0.2, 0.2)
+  put = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  sampler = pipeline.EpochSampler(len(warped), 16, seed=3)
+  get = lambda s, p: jax.tree.map(np.asarray, dense.batch(s, p, put))  # noqa: E731
+  a, plain = get(warped, sampler.positions(5)), get(still, sampler.positions(5))
+  np.testing.assert_array_equal(a["labels"], plain["labels"])
+  assert (a["images"] != plain["images"]).mean() > 0.05   # the scenes moved
+  assert (a["masks"] != plain["masks"]).mean() > 0.05
+  on, bright = a["masks"] >= 0, a["images"][..., 0] >= 160
+  assert (a["images"][..., 0][on] >= 64).mean() > 0.9     # labelled pixels are ink
+  assert on[bright].mean() > 0.9                          # bright ink is labelled
+  for k, v in get(warped, sampler.positions(5)).items():  # seeded by (seed, step)
+    np.testing.assert_array_equal(v, a[k])
+  assert (get(warped, sampler.positions(6))["images"] !=
+          get(still, sampler.positions(6))["images"]).any()
+  evaluation = get(warped, np.asarray(sampler.positions(5)))  # plain positions: no warp
+  for k, v in plain.items():
+    np.testing.assert_array_equal(evaluation[k], v)
+
+
+def test_affine_refuses_detection_and_bad_fields():
+  data = config_lib.scenes_data("detection")
+  data.affine = dict(rotate=10.0, zoom=0.0, shear=0.0)
+  with pytest.raises(UserError, match="warps masks, not boxes"):
+    dense.affine_of("detection", data)
+  data.affine = dict(rotate=10.0, scale=0.1)
+  with pytest.raises(UserError, match=r"unknown fields \['scale'\]"):
+    dense.affine_of("segmentation", data)
+  data.affine = dict(rotate=10.0, zoom=1.5, shear=0.0)
+  with pytest.raises(UserError, match="0 <= zoom, shear < 1"):
+    dense.affine_of("segmentation", data)
 
 
 def _swap_config(task, **kw):

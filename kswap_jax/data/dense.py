@@ -10,6 +10,11 @@ ignored). Targets of a batch of k images:
                 (cx, cy, w, h) in [0, 1]; T = data.max_objects (more objects are cut)
   segmentation  masks int32 (k, H, W): a label-space class, BACKGROUND or IGNORE
 
+Training batches of a segmentation set may be warped by a random affine map (`data.affine`:
+rotate in degrees, zoom and shear as fractions; ours, off unless a config sets it), image and mask
+alike, seeded by the sampler's (seed, step) key, so a resumed run sees the same batches.
+Detection takes no affine augmentation (its boxes would not stay tight).
+
 Records are read through `builder.as_data_source`; feature paths ("objects/bbox") are set in
 the data section: boxes_key, classes_key (boxes (n, 4) as TFDS BBoxes (ymin, xmin, ymax, xmax)
 in [0, 1], classes (n,) dataset class ids, -1 ignored) or mask_key (values 0 = background, or
@@ -24,12 +29,14 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
+from scipy import ndimage
 
 from kswap_jax.data import pipeline, sources
 from kswap_jax.errors import UserError
 
 BACKGROUND, IGNORE = -1, -2
 MASK_ZERO = ("background", "ignore")
+AFFINE = ("rotate", "zoom", "shear")  # data.affine's fields: degrees, fractions of 1
 
 
 def _records(name: str, split: str, data_dir: str):
@@ -53,8 +60,10 @@ class DenseSet:
   targets(positions (k,)) -> dict of numpy arrays; `concat` joins two sets (R' = R + L).
   """
 
-  def __init__(self, examples: pipeline.ExampleSet, targets: Callable[[np.ndarray], dict]):
+  def __init__(self, examples: pipeline.ExampleSet, targets: Callable[[np.ndarray], dict],
+               affine: tuple[float, float, float] | None = None):
     self.examples, self._targets, self.name = examples, targets, examples.name
+    self.affine = affine  # (rotate, zoom, shear) of training batches, None: no warp
 
   def __len__(self) -> int:
     return len(self.examples)
@@ -90,7 +99,50 @@ def example_set(task: str, data: ml_collections.ConfigDict, examples: pipeline.E
     items = [one(int(p)) for p in positions]
     return {k: np.stack([it[k] for it in items]) for k in items[0]}
 
-  return DenseSet(examples, targets)
+  return DenseSet(examples, targets, affine_of(task, data))
+
+
+def affine_of(task: str, data: ml_collections.ConfigDict) -> tuple[float, float, float] | None:
+  """data.affine as (rotate, zoom, shear), None when absent or all zero."""
+  cfg = data.get("affine")
+  if cfg is None:
+    return None
+  unknown = sorted(set(cfg) - set(AFFINE))
+  if unknown:
+    raise UserError(f"data.affine has unknown fields {unknown}; use {list(AFFINE)}")
+  values = tuple(float(cfg.get(k, 0.0)) for k in AFFINE)
+  if min(values) < 0 or values[1] >= 1 or values[2] >= 1:
+    raise UserError(f"data.affine={dict(zip(AFFINE, values))} is not allowed; use rotate >= 0 "
+                    "degrees and 0 <= zoom, shear < 1")
+  if not any(values):
+    return None
+  if task == "detection":
+    raise UserError("data.affine warps masks, not boxes: set data.affine.rotate, zoom and "
+                    "shear to 0 for detection")
+  return values
+
+
+def random_affine(rng: np.random.Generator, side: int, rotate: float, zoom: float,
+                  shear: float) -> tuple[np.ndarray, np.ndarray]:
+  """(matrix (2, 2), offset (2,)) mapping output pixels to input pixels of a side x side image:
+  about its centre, a rotation uniform in +-rotate degrees, a zoom 1 + U(+-zoom) and a shear
+  U(+-shear), in that order of draws."""
+  a = np.deg2rad(rng.uniform(-rotate, rotate))
+  factor = 1.0 + rng.uniform(-zoom, zoom)
+  s = rng.uniform(-shear, shear)
+  matrix = (np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+            @ np.array([[1.0, s], [0.0, 1.0]]) / factor)
+  centre = np.full(2, (side - 1) / 2)
+  return matrix, centre - matrix @ centre
+
+
+def warp(image: np.ndarray, mask: np.ndarray, matrix: np.ndarray, offset: np.ndarray):
+  """image uint8 (H, W, C) and mask int (H, W) through `random_affine`'s map: the image
+  bilinear, the mask nearest; pixels from outside the image are 0 and BACKGROUND."""
+  out = np.stack([ndimage.affine_transform(image[..., c].astype(np.float32), matrix, offset,
+                                           order=1) for c in range(image.shape[-1])], -1)
+  return (np.clip(np.rint(out), 0, 255).astype(image.dtype),
+          ndimage.affine_transform(mask, matrix, offset, order=0, cval=BACKGROUND))
 
 
 def _objects(record: dict, data, mapping: dict[int, int], t: int) -> dict:
@@ -132,12 +184,28 @@ def concat(a: DenseSet, b: DenseSet, name: str = "") -> DenseSet:
                                        np.flatnonzero(positions >= n)]), kind="stable")
     return {k: v[order] for k, v in merged.items()}
 
-  return DenseSet(pipeline.concat(a.examples, b.examples, name), targets)
+  if a.affine != b.affine:
+    raise UserError(f"sets {a.name!r} and {b.name!r} have different data.affine settings")
+  return DenseSet(pipeline.concat(a.examples, b.examples, name), targets, a.affine)
 
 
 def batch(examples: DenseSet, positions: np.ndarray, sharding: jax.sharding.Sharding,
           ) -> dict[str, jax.Array]:
-  """`pipeline.batch` of the images and labels, with the targets at `positions`."""
-  out = pipeline.batch(examples.examples, positions, sharding)
+  """`pipeline.batch` of the images and labels, with the targets at `positions`; a
+  sampler's positions (`pipeline.Positions`) of a set with `affine` are warped, each image by
+  its own draw seeded by (key, its slot in the global batch, its position)."""
   local = pipeline._local(np.asarray(positions))  # pylint: disable=protected-access
-  return {**out, **pipeline.to_global(examples.targets(local), sharding, len(positions))}
+  targets = examples.targets(local)
+  key = getattr(positions, "key", None)
+  if key is None or examples.affine is None:
+    return {**pipeline.batch(examples.examples, positions, sharding),
+            **pipeline.to_global(targets, sharding, len(positions))}
+  slots = pipeline._local(np.arange(len(positions)))  # pylint: disable=protected-access
+  images = examples.examples.images(local).copy()
+  masks = targets["masks"].copy()
+  for j, (slot, p) in enumerate(zip(slots, local)):
+    rng = np.random.default_rng([*key, int(slot), int(p)])
+    images[j], masks[j] = warp(images[j], masks[j],
+                               *random_affine(rng, images.shape[1], *examples.affine))
+  return pipeline.to_global({"images": images, "labels": examples.examples.labels[local],
+                             "masks": masks}, sharding, len(positions))
