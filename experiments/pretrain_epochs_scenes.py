@@ -5,8 +5,9 @@ train[:90%] (what a validation study starts from).
   python experiments/pretrain_epochs_scenes.py [--seed 0] [--out experiments/results]
 
 Each run is `kswap pretrain --config configs/pretrain_scenes.py:task=segmentation` with
-train.epochs, data.train_split and data.affine set (off: all zero). Writes pretrain_epochs_scenes.json (per run: test
-mIoU per class, the retain classes' mean, the training loss every 50 steps) and
+train.epochs, data.train_split and data.affine set (off: all zero). Writes
+pretrain_epochs_scenes.json (per run: test mIoU per class, the retain classes' mean, the
+training loss every 50 steps) and
 pretrain_epochs_scenes.md (the table).
 """
 import argparse
@@ -37,7 +38,8 @@ def run(split: str, epochs: int, affine: bool, seed: int, work: str) -> dict:
     records = [json.loads(line) for line in f]
   loss = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
   below = next((s for s, v in loss if v < 0.1), None)
-  return {"train_split": split, "epochs": epochs, "affine": c.data.affine.to_dict(), "seed": seed, "steps": res["steps"],
+  return {"train_split": split, "epochs": epochs, "affine": c.data.affine.to_dict(),
+          "seed": seed, "steps": res["steps"],
           "per_class": res["per_class"], "test_miou": res["test_miou"],
           "retain_miou": float(np.mean([res["per_class"][str(c)] for c in RETAIN])),
           "loss": loss,

@@ -143,8 +143,9 @@ def scenes_data(task: str) -> ml_collections.ConfigDict:
   d.update(dataset="digit_scenes", eval_batch_size=128)
   if task == "detection":
     d.update(boxes_key="boxes", classes_key="classes", max_objects=3)
-  else:  # ours: a random affine warp of the training scenes; without it the segmenter
-    # overfits the 1,437 training digits (experiments/results/pretrain_epochs_scenes.md)
+  else:  # ours: a random affine warp of the training scenes; without it the segmenter fits
+    # its training scenes and reaches less on the test scenes (retain mIoU 61.7 against 82.3,
+    # seed 0; experiments/results/pretrain_epochs_scenes.md)
     d.update(mask_key="mask", mask_zero="background",
              affine=dict(rotate=15.0, zoom=0.15, shear=0.15))
   return d

@@ -151,6 +151,10 @@ def test_affine_refuses_detection_and_bad_fields():
   data.affine = dict(rotate=10.0, zoom=1.5, shear=0.0)
   with pytest.raises(UserError, match="0 <= zoom, shear < 1"):
     dense.affine_of("segmentation", data)
+  c = config_lib.load(os.path.join(ROOT, "configs", "swap_seg_scenes.py"), "runlocal")
+  c.data.affine.rotate = -5.0
+  with pytest.raises(UserError, match=r"data.affine.rotate=-5.0: must be a number >= 0"):
+    config_lib.check(c)
 
 
 def _swap_config(task, **kw):

@@ -110,10 +110,10 @@ def affine_of(task: str, data: ml_collections.ConfigDict) -> tuple[float, float,
   unknown = sorted(set(cfg) - set(AFFINE))
   if unknown:
     raise UserError(f"data.affine has unknown fields {unknown}; use {list(AFFINE)}")
-  values = tuple(float(cfg.get(k, 0.0)) for k in AFFINE)
-  if min(values) < 0 or values[1] >= 1 or values[2] >= 1:
-    raise UserError(f"data.affine={dict(zip(AFFINE, values))} is not allowed; use rotate >= 0 "
-                    "degrees and 0 <= zoom, shear < 1")
+  values = tuple(float(cfg.get(k, 0.0)) for k in AFFINE)  # each >= 0 (config_lib.check)
+  if values[1] >= 1 or values[2] >= 1:
+    raise UserError(f"data.affine={dict(zip(AFFINE, values))} is not allowed; use "
+                    "0 <= zoom, shear < 1")
   if not any(values):
     return None
   if task == "detection":
@@ -173,7 +173,8 @@ def _mask(record: dict, data, mapping: dict[int, int], size: int) -> dict:
 
 
 def concat(a: DenseSet, b: DenseSet, name: str = "") -> DenseSet:
-  """The examples of a, then those of b, with their targets."""
+  """The examples of a, then those of b, with their targets (and a's affine: both sets come
+  from one data section)."""
   n = len(a)
 
   def targets(positions):
@@ -184,8 +185,6 @@ def concat(a: DenseSet, b: DenseSet, name: str = "") -> DenseSet:
                                        np.flatnonzero(positions >= n)]), kind="stable")
     return {k: v[order] for k, v in merged.items()}
 
-  if a.affine != b.affine:
-    raise UserError(f"sets {a.name!r} and {b.name!r} have different data.affine settings")
   return DenseSet(pipeline.concat(a.examples, b.examples, name), targets, a.affine)
 
 
@@ -193,7 +192,7 @@ def batch(examples: DenseSet, positions: np.ndarray, sharding: jax.sharding.Shar
           ) -> dict[str, jax.Array]:
   """`pipeline.batch` of the images and labels, with the targets at `positions`; a
   sampler's positions (`pipeline.Positions`) of a set with `affine` are warped, each image by
-  its own draw seeded by (key, its slot in the global batch, its position)."""
+  its own draw (`pipeline.example_rngs`)."""
   local = pipeline._local(np.asarray(positions))  # pylint: disable=protected-access
   targets = examples.targets(local)
   key = getattr(positions, "key", None)
@@ -201,10 +200,8 @@ def batch(examples: DenseSet, positions: np.ndarray, sharding: jax.sharding.Shar
     return {**pipeline.batch(examples.examples, positions, sharding),
             **pipeline.to_global(targets, sharding, len(positions))}
   slots = pipeline._local(np.arange(len(positions)))  # pylint: disable=protected-access
-  images = examples.examples.images(local).copy()
-  masks = targets["masks"].copy()
-  for j, (slot, p) in enumerate(zip(slots, local)):
-    rng = np.random.default_rng([*key, int(slot), int(p)])
+  images, masks = examples.examples.images(local), targets["masks"]  # fresh arrays
+  for j, rng in enumerate(pipeline.example_rngs(key, slots, local)):
     images[j], masks[j] = warp(images[j], masks[j],
                                *random_affine(rng, images.shape[1], *examples.affine))
   return pipeline.to_global({"images": images, "labels": examples.examples.labels[local],

@@ -235,7 +235,7 @@ class ExampleSet:
     position)."""
     if not self.augment.active:
       return self.images(positions)
-    rngs = [np.random.default_rng([*key, int(slot), int(p)]) for slot, p in zip(slots, positions)]
+    rngs = example_rngs(key, slots, positions)
     if self.augment.crop != "none":
       return np.stack(self._map(self._random_crop, positions, rngs))
     out = self.images(positions)  # flip only
@@ -329,6 +329,14 @@ class _Union(ExampleSet):
   def _view(self, p: int) -> np.ndarray:
     part, q = self._part(p)
     return part.images(np.array([q]))[0]
+
+
+def example_rngs(key: tuple[int, int], slots: np.ndarray,
+                 positions: np.ndarray) -> list[np.random.Generator]:
+  """One generator per example of a training batch, seeded by (key = (seed, step), its slot in
+  the global batch, its position): the draws of its augmentation, the same on every host and
+  after a resume."""
+  return [np.random.default_rng([*key, int(slot), int(p)]) for slot, p in zip(slots, positions)]
 
 
 class Positions(np.ndarray):
