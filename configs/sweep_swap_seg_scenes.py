@@ -1,6 +1,6 @@
 """A 24-member validation study of the segmentation swap (configs/swap_seg_scenes.py): how LBF's
 forget stage replays the learn classes (learn_replay) x lr x the learn classes' loss weight x
-the group-sparse weight. It chose the config's values.
+the group-sparse weight. It chose the config's learn_replay, lr and sparse weight.
 
   kswap sweep --config configs/sweep_swap_seg_scenes.py --workdir runs/sweep_swap_seg_scenes
 
@@ -25,6 +25,9 @@ def get_config(arg=None):
   a = config_lib.parse_arg(arg, **ARGS)
   base = config_lib.load(os.path.join(HERE, "swap_seg_scenes.py"),
                          f"order={a.order},seed={a.seed}" + (",runlocal" if a.runlocal else ""))
+  # The learn stage's retain weight this study ran with; the second study
+  # (configs/sweep_swap_seg_retain.py) then chose the config's value.
+  base.weights.retain_in_learn = 1.0
   c = config_lib.sweep("swap", base, dict(
       learn_replay=("joined", "paired"), train=dict(lr=(3e-3, 6e-3)),
       weights=dict(learn=(0.35, 0.5, 1.0), sparse=(0.0, 0.005))), a.runlocal)

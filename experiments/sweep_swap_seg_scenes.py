@@ -22,22 +22,28 @@ ROOT = os.path.dirname(HERE)
 CONFIG = "configs/sweep_swap_seg_scenes.py"
 
 
+def run_study(config: str, run_dir: str) -> tuple[dict, dict]:
+  """Runs (or reports) `kswap sweep --config config --workdir run_dir`: (its sweep.json,
+  {member: that member's results.json "evals"})."""
+  subprocess.run([sys.executable, "-m", "kswap_jax", "sweep", "--config", config,
+                  "--workdir", run_dir], cwd=ROOT, check=True)
+  evals = {}
+  for path in glob.glob(os.path.join(run_dir, "**", "member_*", "results.json"),
+                        recursive=True):  # [group_*/]chunk_*/member_*
+    member = int(os.path.basename(os.path.dirname(path)).split("_")[1])
+    evals[str(member)] = workdir.read_json(path)["evals"]
+  return workdir.read_json(os.path.join(run_dir, "sweep.json")), dict(sorted(evals.items()))
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "sweep_swap_seg_scenes"))
   p.add_argument("--out", default=os.path.join(HERE, "results"))
   args = p.parse_args()
-  subprocess.run([sys.executable, "-m", "kswap_jax", "sweep", "--config", CONFIG,
-                  "--workdir", args.workdir], cwd=ROOT, check=True)
-  study = workdir.read_json(os.path.join(args.workdir, "sweep.json"))
-  evals = {}
-  for path in glob.glob(os.path.join(args.workdir, "group_*", "chunk_*", "member_*",
-                                     "results.json")):
-    member = int(os.path.basename(os.path.dirname(path)).split("_")[1])
-    evals[str(member)] = workdir.read_json(path)["evals"]
+  study, evals = run_study(CONFIG, args.workdir)
   command = f"kswap sweep --config {CONFIG} --workdir runs/sweep_swap_seg_scenes"
   workdir.write_json(os.path.join(args.out, "sweep_swap_seg_scenes.json"),
-                     {"command": command, **study, "evals": dict(sorted(evals.items()))})
+                     {"command": command, **study, "evals": evals})
   lines = ["| member | learn_replay | lr | learn weight | sparse weight | val R / L after learn | "
            "val R / F / L after forget | score |", "|---|---|---|---|---|---|---|---|"]
   for m in study["members"]:

@@ -258,15 +258,18 @@ def sweep(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   if config.mesh.get("rules"):
     raise UserError("a sweep places its stacked state by member (mesh.sweep); remove mesh.rules")
   rows, trainable, best = [None] * len(assignments), [None] * len(assignments), None
+  # A base value that every member replaces changes no result (e.g. a new default of a field
+  # the grid sweeps): a finished study stays valid, an interrupted one resumes.
+  unused = {f"base.{k}" for k in set.intersection(*(set(a) for a in assignments))}
   with workdir.lock(workdir.open_dir(run_dir)):
-    workdir.check_config(run_dir, config, record=False)
+    workdir.check_config(run_dir, config, record=False, unused=unused)
     if workdir.finished(run_dir):
       results = workdir.read_json(os.path.join(run_dir, "sweep.json"))
       say(f"sweep: the study in {run_dir} has finished (sweep.json there); best: member "
           f"{results['best']}")
       return results
     builders.check_sets(config.base)
-    workdir.check_config(run_dir, config)
+    workdir.check_config(run_dir, config, unused=unused)
     for g, (fixed, idx) in enumerate(groups):
       base = sweep_lib.member_config(config.base, fixed)
       gdir = run_dir if len(groups) == 1 else os.path.join(run_dir, f"group_{g}")

@@ -24,7 +24,7 @@ import os
 import platform
 import re
 import uuid
-from typing import IO, Any, Iterator
+from typing import IO, Any, Collection, Iterator
 
 from absl import logging
 import jax
@@ -113,9 +113,12 @@ def read_json(path: str, default=None):
   return json.loads(target.read_text())
 
 
-def check_config(workdir: str, config: ml_collections.ConfigDict, record: bool = True) -> None:
-  """Refuses a workdir that holds a run of a different config; with `record`, saves
-  config.json and appends this start's `environment()` to environment.json."""
+def check_config(workdir: str, config: ml_collections.ConfigDict, record: bool = True,
+                 unused: Collection[str] = ()) -> None:
+  """Refuses a workdir that holds a run of a different config, but for fields in `unused`
+  (dotted keys whose value changes no result, e.g. a study's base value of a field every
+  member sets); with `record`, saves config.json and appends this start's `environment()` to
+  environment.json."""
   path = os.path.join(workdir, "config.json")
   new = json.loads(config.to_json_best_effort())
   old = read_json(path)
@@ -123,7 +126,7 @@ def check_config(workdir: str, config: ml_collections.ConfigDict, record: bool =
     old_flat, new_flat = (traverse_util.flatten_dict(c, sep=".", keep_empty_nodes=True)
                           for c in (old, new))
     diff = sorted(k for k in set(old_flat) | set(new_flat)
-                  if not _resumable(k)
+                  if not _resumable(k) and k not in unused
                   and old_flat.get(k, "<unset>") != new_flat.get(k, "<unset>"))
     if diff:
       raise UserError(f"workdir {workdir} holds a run with a different config (fields {diff}); "

@@ -257,6 +257,18 @@ def test_shape_changing_keys_make_groups_run_one_after_another(swept, tmp_path):
   assert out["best"] == int(np.argmax([r["score"] for r in out["members"]]))
 
 
+def test_finished_study_stays_valid_when_only_a_swept_default_changes(swept):
+  d, res = swept
+  c = _config()
+  c.base.train.lr *= 7  # every member sets train.lr: the finished study is reported as it is
+  again = runner.sweep(c, str(d))
+  assert again["best"] == res["best"] and "trainable" not in again
+  assert [r["score"] for r in again["members"]] == [r["score"] for r in res["members"]]
+  c.base.train.weight_decay += 0.1  # no member sets it: another study
+  with pytest.raises(UserError, match=r"different config \(fields \['base.train.weight_decay'\]"):
+    runner.sweep(c, str(d))
+
+
 def test_unknown_keys_are_refused(tmp_path):
   with pytest.raises(UserError, match=r"sweep keys \['lora.rnak'\] are not fields"):
     runner.sweep(_config(members=({"lora.rnak": 4},)), str(tmp_path))

@@ -1,0 +1,31 @@
+"""The segmentation swap's second validation study (configs/swap_seg_scenes.py), run per seed:
+the retain classes' loss weight in the learn stage (weights.retain_in_learn) x the learn
+classes' weight, with learn_replay, lr and the sparse weight the first study
+(configs/sweep_swap_seg_scenes.py) chose. It chose the config's retain_in_learn and learn.
+
+  kswap sweep --config configs/sweep_swap_seg_retain.py:seed=1 --workdir runs/sweep_seg_retain1
+  python experiments/sweep_swap_seg_retain.py   # seeds 0-2, ranked by the mean score
+
+Arguments: order, seed, runlocal. Train / validation / test: train[:90%] / train[90%:] / test,
+pretraining included; score as in the first study. All members are vmapped side by side.
+"""
+import os
+
+from kswap_jax import config_lib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+JOB = "sweep"  # the kswap job this config is for
+# Its arguments (`--config FILE:key=value,flag`) and their defaults.
+ARGS = {"runlocal": False, "order": "lbf", "seed": 0}
+
+
+def get_config(arg=None):
+  a = config_lib.parse_arg(arg, **ARGS)
+  base = config_lib.load(os.path.join(HERE, "swap_seg_scenes.py"),
+                         f"order={a.order},seed={a.seed}" + (",runlocal" if a.runlocal else ""))
+  c = config_lib.sweep("swap", base, dict(
+      weights=dict(retain_in_learn=(1.0, 2.0, 4.0, 8.0), learn=(0.5, 1.0))), a.runlocal)
+  c.checkpoint.every_steps = 0  # the members' checkpoints at the ends of stages only
+  return c
