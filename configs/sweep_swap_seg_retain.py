@@ -1,9 +1,11 @@
 """The segmentation swap's second validation study (configs/swap_seg_scenes.py), run per seed:
 the retain classes' loss weight in the learn stage (weights.retain_in_learn) x the learn
 classes' weight, with learn_replay, lr and the sparse weight the first study
-(configs/sweep_swap_seg_scenes.py) chose. It chose the config's retain_in_learn and learn.
+(configs/sweep_swap_seg_scenes.py) chose. It chose the config's retain_in_learn (and kept its
+learn weight) by the mean score over seeds 0-2.
 
-  kswap sweep --config configs/sweep_swap_seg_retain.py:seed=1 --workdir runs/sweep_seg_retain1
+  kswap sweep --config configs/sweep_swap_seg_retain.py:seed=1 \
+      --workdir runs/sweep_swap_seg_retain_seed1
   python experiments/sweep_swap_seg_retain.py   # seeds 0-2, ranked by the mean score
 
 Arguments: order, seed, runlocal. Train / validation / test: train[:90%] / train[90%:] / test,

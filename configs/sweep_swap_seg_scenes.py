@@ -1,6 +1,6 @@
 """A 24-member validation study of the segmentation swap (configs/swap_seg_scenes.py): how LBF's
 forget stage replays the learn classes (learn_replay) x lr x the learn classes' loss weight x
-the group-sparse weight. It chose the config's learn_replay, lr and sparse weight.
+the group-sparse weight. It chose the config's learn_replay, lr, learn and sparse weights.
 
   kswap sweep --config configs/sweep_swap_seg_scenes.py --workdir runs/sweep_swap_seg_scenes
 

@@ -1,4 +1,4 @@
-"""The segmentation swap's validation study, with each member's stages: runs
+"""The segmentation swap's first validation study, with each member's stages: runs
 `kswap sweep --config configs/sweep_swap_seg_scenes.py` (a finished study in --workdir is
 reported, not run again) and collects its sweep.json and every member's evaluations.
 

@@ -176,10 +176,10 @@ def scenes_swap(task: str, a: ml_collections.ConfigDict) -> ml_collections.Confi
   c.sparse_group = "block"
   # LBF's forget stage: detection joins L's images into R's loader as the authors do
   # (KnowledgeSwapping semantic-segmentation/swapping_fltf.py:707); segmentation replays L as
-  # its own batch (ours, swap.LEARN_REPLAY). Segmentation's learn_replay, lr and sparse weight
-  # were chosen on validation by configs/sweep_swap_seg_scenes.py (seed 0, LBF;
-  # experiments/results/sweep_swap_seg_scenes.md), then its learn stage's retain weight and
-  # its learn weight by configs/sweep_swap_seg_retain.py (seeds 0-2, LBF, the best mean score;
+  # its own batch (ours, swap.LEARN_REPLAY). Segmentation's learn_replay, lr, learn and sparse
+  # weights were chosen on validation by configs/sweep_swap_seg_scenes.py (seed 0, LBF;
+  # experiments/results/sweep_swap_seg_scenes.md), then its learn stage's retain weight by
+  # configs/sweep_swap_seg_retain.py (seeds 0-2, LBF, the best mean score;
   # experiments/results/sweep_swap_seg_retain.md).
   seg = task == "segmentation"
   c.learn_replay = "paired" if seg else "joined"
@@ -205,7 +205,8 @@ def scenes_swap(task: str, a: ml_collections.ConfigDict) -> ml_collections.Confi
 def tfds_swap(task: str, a: ml_collections.ConfigDict, data: ml_collections.ConfigDict,
               model: dict) -> ml_collections.ConfigDict:
   """`scenes_swap`'s recipe on a TFDS dataset: `data` (its keys), `model` (variant, decoder)
-  for the pretraining on a.retain + a.forget; sets a.retain / a.forget / a.learn."""
+  for the pretraining on a.retain + a.forget; sets a.retain / a.forget / a.learn. Its loss
+  weights and learn_replay are the scenes' (chosen on the digit scenes, not on this dataset)."""
   c = scenes_swap(task, a)
   c.data = data
   for name in SCENES_SETS:

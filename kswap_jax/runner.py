@@ -259,8 +259,10 @@ def sweep(config: ml_collections.ConfigDict, run_dir: str) -> dict:
     raise UserError("a sweep places its stacked state by member (mesh.sweep); remove mesh.rules")
   rows, trainable, best = [None] * len(assignments), [None] * len(assignments), None
   # A base value that every member replaces changes no result (e.g. a new default of a field
-  # the grid sweeps): a finished study stays valid, an interrupted one resumes.
-  unused = {f"base.{k}" for k in set.intersection(*(set(a) for a in assignments))}
+  # the grid sweeps): a finished study stays valid, an interrupted one resumes. Not the seed:
+  # the recipes read the members' shared data order from the base's.
+  unused = {f"base.{k}" for k in set.intersection(*(set(a) for a in assignments))} - {
+      "base.seed"}
   with workdir.lock(workdir.open_dir(run_dir)):
     workdir.check_config(run_dir, config, record=False, unused=unused)
     if workdir.finished(run_dir):

@@ -12,7 +12,7 @@ import pytest
 from ml_collections import config_flags
 
 from kswap_jax import lora as lora_lib
-from kswap_jax import checkpoints, config_lib, runner, sharding, sweep, trees
+from kswap_jax import checkpoints, config_lib, runner, sharding, sweep, trees, workdir
 from kswap_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -267,6 +267,14 @@ def test_finished_study_stays_valid_when_only_a_swept_default_changes(swept):
   c.base.train.weight_decay += 0.1  # no member sets it: another study
   with pytest.raises(UserError, match=r"different config \(fields \['base.train.weight_decay'\]"):
     runner.sweep(c, str(d))
+
+
+def test_study_whose_base_seed_changes_is_refused_though_every_member_sets_seed(tmp_path):
+  c = _config(members=tuple({**m, "seed": 3} for m in MEMBERS))
+  workdir.check_config(str(tmp_path), c)  # what a started study records
+  c.base.seed += 1  # the members' shared data order follows it
+  with pytest.raises(UserError, match=r"different config \(fields \['base.seed'\]\)"):
+    runner.sweep(c, str(tmp_path))
 
 
 def test_unknown_keys_are_refused(tmp_path):
