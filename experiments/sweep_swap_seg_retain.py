@@ -18,12 +18,11 @@ import matplotlib
 import numpy as np
 
 from kswap_jax import workdir
-from sweep_swap_seg_scenes import ROOT, run_study
+from sweep_swap_seg_scenes import HERE, ROOT, run_study
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = "configs/sweep_swap_seg_retain.py"
 GRID = ("weights.retain_in_learn", "weights.learn")
 
