@@ -6,7 +6,7 @@ learn weight) by the mean score over seeds 0-2.
 
   kswap sweep --config configs/sweep_swap_seg_retain.py:seed=1 \
       --workdir runs/sweep_swap_seg_retain_seed1
-  python experiments/sweep_swap_seg_retain.py   # seeds 0-2, ranked by the mean score
+  python experiments/sweep_swap_seg_seeds.py --study retain   # seeds 0-2, mean score
 
 Arguments: order, seed, runlocal. Train / validation / test: train[:90%] / train[90%:] / test,
 pretraining included; score as in the first study. All members are vmapped side by side.
@@ -27,6 +27,9 @@ def get_config(arg=None):
   a = config_lib.parse_arg(arg, **ARGS)
   base = config_lib.load(os.path.join(HERE, "swap_seg_scenes.py"),
                          f"order={a.order},seed={a.seed}" + (",runlocal" if a.runlocal else ""))
+  # The forget bound this study ran with; the third study (configs/sweep_swap_seg_forget.py)
+  # then chose the config's value.
+  base.weights.bound = 15.0
   c = config_lib.sweep("swap", base, dict(
       weights=dict(retain_in_learn=(1.0, 2.0, 4.0, 8.0), learn=(0.5, 1.0))), a.runlocal)
   c.checkpoint.every_steps = 0  # the members' checkpoints at the ends of stages only

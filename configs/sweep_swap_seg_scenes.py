@@ -25,9 +25,11 @@ def get_config(arg=None):
   a = config_lib.parse_arg(arg, **ARGS)
   base = config_lib.load(os.path.join(HERE, "swap_seg_scenes.py"),
                          f"order={a.order},seed={a.seed}" + (",runlocal" if a.runlocal else ""))
-  # The learn stage's retain weight this study ran with; the second study
-  # (configs/sweep_swap_seg_retain.py) then chose the config's value.
+  # The learn stage's retain weight and the forget bound this study ran with; the second and
+  # third studies (configs/sweep_swap_seg_retain.py, sweep_swap_seg_forget.py) then chose the
+  # config's values.
   base.weights.retain_in_learn = 1.0
+  base.weights.bound = 15.0
   c = config_lib.sweep("swap", base, dict(
       learn_replay=("joined", "paired"), train=dict(lr=(3e-3, 6e-3)),
       weights=dict(learn=(0.35, 0.5, 1.0), sparse=(0.0, 0.005))), a.runlocal)

@@ -180,7 +180,8 @@ def scenes_swap(task: str, a: ml_collections.ConfigDict) -> ml_collections.Confi
   # weights were chosen on validation by configs/sweep_swap_seg_scenes.py (seed 0, LBF;
   # experiments/results/sweep_swap_seg_scenes.md), then its learn stage's retain weight by
   # configs/sweep_swap_seg_retain.py (seeds 0-2, LBF, the best mean score;
-  # experiments/results/sweep_swap_seg_retain.md).
+  # experiments/results/sweep_swap_seg_retain.md), then the forget loss's bound by
+  # configs/sweep_swap_seg_forget.py (seeds 0-2, LBF; experiments/results/sweep_swap_seg_forget.md).
   seg = task == "segmentation"
   c.learn_replay = "paired" if seg else "joined"
   # A study ranks first the members whose val retain metric fell at most this many points below
@@ -191,7 +192,7 @@ def scenes_swap(task: str, a: ml_collections.ConfigDict) -> ml_collections.Confi
   # ADE20K).
   c.weights = ml_collections.ConfigDict(dict(
       learn=0.5 if seg else 1.0, retain_in_learn=4.0 if seg else 1.0, retain=1.0, forget=0.2,
-      bound=15.0, sparse=0.0 if seg else 0.005))
+      bound=4.0 if seg else 15.0, sparse=0.0 if seg else 0.005))
   c.train = ml_collections.ConfigDict(dict(
       batch_size=32, lr=6e-3 if seg else 3e-3, lr_end=1e-5,
       weight_decay=0.05, epochs=ml_collections.ConfigDict(dict(learn=8, forget=4, swap=8))))
