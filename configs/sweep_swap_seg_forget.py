@@ -1,8 +1,8 @@
 """The segmentation swap's third validation study (configs/swap_seg_scenes.py), run per seed:
 the retain classes' weight in LBF's forget stage (weights.retain) x the forget loss's bound
-(weights.bound), with every other value as the first two studies (configs/sweep_swap_seg_scenes.py,
-sweep_swap_seg_retain.py) chose them. It chose the config's retain weight (and kept its bound)
-by the mean score over seeds 0-2.
+(weights.bound), with every other value as the first two studies
+(configs/sweep_swap_seg_scenes.py, sweep_swap_seg_retain.py) chose them. It chose the config's
+bound (and kept its retain weight) by the mean score over seeds 0-2.
 
   kswap sweep --config configs/sweep_swap_seg_forget.py:seed=1 \
       --workdir runs/sweep_swap_seg_forget_seed1
@@ -11,11 +11,7 @@ by the mean score over seeds 0-2.
 Arguments: order, seed, runlocal. Train / validation / test: train[:90%] / train[90%:] / test,
 pretraining included; score as in the first study. All members are vmapped side by side.
 """
-import os
-
 from kswap_jax import config_lib
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 JOB = "sweep"  # the kswap job this config is for
@@ -24,10 +20,6 @@ ARGS = {"runlocal": False, "order": "lbf", "seed": 0}
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, **ARGS)
-  base = config_lib.load(os.path.join(HERE, "swap_seg_scenes.py"),
-                         f"order={a.order},seed={a.seed}" + (",runlocal" if a.runlocal else ""))
-  c = config_lib.sweep("swap", base, dict(
-      weights=dict(retain=(1.0, 2.0, 4.0, 8.0), bound=(4.0, 15.0))), a.runlocal)
-  c.checkpoint.every_steps = 0  # the members' checkpoints at the ends of stages only
-  return c
+  return config_lib.scenes_study(
+      "segmentation", config_lib.parse_arg(arg, **ARGS),
+      dict(weights=dict(retain=(1.0, 2.0, 4.0, 8.0), bound=(4.0, 15.0))))

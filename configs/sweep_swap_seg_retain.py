@@ -11,11 +11,7 @@ learn weight) by the mean score over seeds 0-2.
 Arguments: order, seed, runlocal. Train / validation / test: train[:90%] / train[90%:] / test,
 pretraining included; score as in the first study. All members are vmapped side by side.
 """
-import os
-
 from kswap_jax import config_lib
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 JOB = "sweep"  # the kswap job this config is for
@@ -24,13 +20,9 @@ ARGS = {"runlocal": False, "order": "lbf", "seed": 0}
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, **ARGS)
-  base = config_lib.load(os.path.join(HERE, "swap_seg_scenes.py"),
-                         f"order={a.order},seed={a.seed}" + (",runlocal" if a.runlocal else ""))
   # The forget bound this study ran with; the third study (configs/sweep_swap_seg_forget.py)
   # then chose the config's value.
-  base.weights.bound = 15.0
-  c = config_lib.sweep("swap", base, dict(
-      weights=dict(retain_in_learn=(1.0, 2.0, 4.0, 8.0), learn=(0.5, 1.0))), a.runlocal)
-  c.checkpoint.every_steps = 0  # the members' checkpoints at the ends of stages only
-  return c
+  return config_lib.scenes_study(
+      "segmentation", config_lib.parse_arg(arg, **ARGS),
+      dict(weights=dict(retain_in_learn=(1.0, 2.0, 4.0, 8.0), learn=(0.5, 1.0))),
+      pinned=dict(bound=15.0))

@@ -9,11 +9,7 @@ pretraining included; the best member by val mIoU_R + mIoU_L - mIoU_F among thos
 mIoU_R stays within select_retain_drop (5) points of the pretrained model's. The lr and weight
 members are vmapped side by side; the two learn_replay groups run one after the other.
 """
-import os
-
 from kswap_jax import config_lib
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 JOB = "sweep"  # the kswap job this config is for
@@ -22,16 +18,11 @@ ARGS = {"runlocal": False, "order": "lbf", "seed": 0}
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, **ARGS)
-  base = config_lib.load(os.path.join(HERE, "swap_seg_scenes.py"),
-                         f"order={a.order},seed={a.seed}" + (",runlocal" if a.runlocal else ""))
   # The learn stage's retain weight and the forget bound this study ran with; the second and
   # third studies (configs/sweep_swap_seg_retain.py, sweep_swap_seg_forget.py) then chose the
   # config's values.
-  base.weights.retain_in_learn = 1.0
-  base.weights.bound = 15.0
-  c = config_lib.sweep("swap", base, dict(
-      learn_replay=("joined", "paired"), train=dict(lr=(3e-3, 6e-3)),
-      weights=dict(learn=(0.35, 0.5, 1.0), sparse=(0.0, 0.005))), a.runlocal)
-  c.checkpoint.every_steps = 0  # the members' checkpoints at the ends of stages only
-  return c
+  return config_lib.scenes_study(
+      "segmentation", config_lib.parse_arg(arg, **ARGS),
+      dict(learn_replay=("joined", "paired"), train=dict(lr=(3e-3, 6e-3)),
+           weights=dict(learn=(0.35, 0.5, 1.0), sparse=(0.0, 0.005))),
+      pinned=dict(retain_in_learn=1.0, bound=15.0))

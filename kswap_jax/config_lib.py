@@ -203,6 +203,19 @@ def scenes_swap(task: str, a: ml_collections.ConfigDict) -> ml_collections.Confi
   return common(c, a.runlocal)
 
 
+def scenes_study(task: str, a: ml_collections.ConfigDict, grid: dict,
+                 pinned: dict | None = None) -> ml_collections.ConfigDict:
+  """A validation study (`sweep`) of `scenes_swap(task, a)` over grid (config paths -> value
+  tuples); pinned: base weights set to the values the study ran with, so that its results
+  reproduce after a later study changes the config's defaults. Members' checkpoints are taken
+  at the ends of stages only."""
+  base = scenes_swap(task, a)
+  base.weights.update(pinned or {})
+  c = sweep("swap", base, grid, a.runlocal)
+  c.checkpoint.every_steps = 0
+  return c
+
+
 def tfds_swap(task: str, a: ml_collections.ConfigDict, data: ml_collections.ConfigDict,
               model: dict) -> ml_collections.ConfigDict:
   """`scenes_swap`'s recipe on a TFDS dataset: `data` (its keys), `model` (variant, decoder)
