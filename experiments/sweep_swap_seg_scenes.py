@@ -25,6 +25,7 @@ CONFIG = "configs/sweep_swap_seg_scenes.py"
 def run_study(config: str, run_dir: str) -> tuple[dict, dict]:
   """Runs (or reports) `kswap sweep --config config --workdir run_dir`: (its sweep.json,
   {member: that member's results.json "evals"})."""
+  run_dir = os.path.abspath(run_dir)  # kswap runs from the repository root
   subprocess.run([sys.executable, "-m", "kswap_jax", "sweep", "--config", config,
                   "--workdir", run_dir], cwd=ROOT, check=True)
   evals = {}
