@@ -112,7 +112,7 @@ def main():
     raise SystemExit("error: step_profile.py reads XLA:CPU's trace events; on GPU or TPU open "
                      "a jax.profiler trace in XProf / TensorBoard instead")
 
-  step, state, batches = step_speed.setup(args.workload, args.rng_impl, "float32")
+  step, state, batches, _ = step_speed.setup(args.workload, args.rng_impl, "float32")
   mesh = sharding.make_mesh()
   state = jax.device_put(state, sharding.replicated(mesh))
   compiled = sharding.compile_step(step, mesh).lower(state, batches).compile()

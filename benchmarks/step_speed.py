@@ -68,11 +68,13 @@ def matmul_peak(n: int, dtype, repeats: int) -> float:
   return 2 * n**3 / best / 1e9
 
 
-def setup(name: str, rng_impl: str, dtype: str):
-  """(step, state, batches) of one GS-LoRA update for workload `name`."""
+def setup(name: str, rng_impl: str, dtype: str, dropout: float = 0.1, **model):
+  """(step, state, batches, loss_fn) of one GS-LoRA update for workload `name`; model: other
+  `config.model` settings (e.g. a checkpoint layout's `torch_import.MODEL_DEFAULTS`).
+  loss_fn(trainable, frozen, hparams, batches, rng) -> (loss, terms) is the step's loss."""
   variant, size, channels, classes, head, n = WORKLOADS[name]
-  cfg = ml_collections.ConfigDict(dict(variant=variant, num_classes=classes, dropout=0.1,
-                                       dtype=dtype))
+  cfg = ml_collections.ConfigDict(dict(variant=variant, num_classes=classes, dropout=dropout,
+                                       dtype=dtype, **model))
   base = train.Network(vit.make_model(cfg), lora_scale=1.0 / 8, rng_impl=rng_impl)
   net = heads.HeadNetwork(base, head)
   shape = (size, size, channels)
@@ -89,7 +91,7 @@ def setup(name: str, rng_impl: str, dtype: str):
              "forget": step_timing.random_batch(f, n, shape, classes),
              "ctx": {"stage_step": jnp.zeros((), jnp.int32),
                      "stage": {"alpha_warmup": jnp.zeros((), jnp.int32)}}}
-  return step, state, batches
+  return step, state, batches, loss
 
 
 def main():
@@ -115,7 +117,7 @@ def main():
     for dtype in args.dtypes.split(","):
       for impl in args.rng_impls.split(","):
         before = peak(dtype)
-        r = step_timing.measure(*setup(name, impl, dtype), mesh, args.warmup, args.repeats)
+        r = step_timing.measure(*setup(name, impl, dtype)[:3], mesh, args.warmup, args.repeats)
         r.update(workload=name, variant=WORKLOADS[name][0], dtype=dtype, rng_impl=impl,
                  gflops=r["flops"] / r["step_ms"] / 1e6,
                  peak_gflops=max(before, peak(dtype)), step_ms_best=min(r["step_ms_all"]))

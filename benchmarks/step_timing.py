@@ -22,17 +22,27 @@ def random_batch(rng: jax.Array, n: int, shape: tuple[int, ...], classes: int) -
           "labels": jax.random.randint(b, (n,), 0, classes)}
 
 
+def compile_replicated(step_fn, state, batches, mesh):
+  """(compiled step, a replicated copy of `state` for it to donate, compile seconds)."""
+  state = jax.device_put(state, sharding.replicated(mesh), may_alias=False)
+  t0 = time.perf_counter()
+  compiled = sharding.compile_step(step_fn, mesh).lower(state, batches).compile()
+  return compiled, state, time.perf_counter() - t0
+
+
+def step_flops(compiled) -> float:
+  """FLOPs of one call of a compiled program, from XLA's cost analysis (-1 if unknown)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", -1))
+
+
 def measure(step_fn, state, batches, mesh, warmup: int, repeats: int) -> dict:
   """Compiles `step_fn` once (state donated, as in training), then times `repeats` calls after
   `warmup`; adds XLA's flops and memory analysis, the device's peak bytes (-1 where it does
   not report them), the process's median minor page faults per timed step and the last loss.
   The caller's `state` stays valid."""
-  state = jax.device_put(state, sharding.replicated(mesh), may_alias=False)
-  t0 = time.perf_counter()
-  compiled = sharding.compile_step(step_fn, mesh).lower(state, batches).compile()
-  compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  compiled, state, compile_s = compile_replicated(step_fn, state, batches, mesh)
   memory = compiled.memory_analysis()
   times, faults = [], []
   for i in range(warmup + repeats):
@@ -45,7 +55,7 @@ def measure(step_fn, state, batches, mesh, warmup: int, repeats: int) -> dict:
       faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
   stats = jax.devices()[0].memory_stats() or {}
   return {"compile_s": compile_s, "step_ms": 1e3 * statistics.median(times),
-          "step_ms_all": [1e3 * t for t in times], "flops": float(cost.get("flops", -1)),
+          "step_ms_all": [1e3 * t for t in times], "flops": step_flops(compiled),
           "temp_bytes": int(memory.temp_size_in_bytes) if memory else -1,
           "argument_bytes": int(memory.argument_size_in_bytes) if memory else -1,
           "peak_bytes": int(stats.get("peak_bytes_in_use", -1)),

@@ -1,11 +1,13 @@
 """PyTorch checkpoint import (`kswap_jax.torch_import`) against independent reference models.
 
-The GS-LoRA face ViT, a torchvision-layout and a timm-layout ViT are built here in PyTorch with
-tiny sizes and random weights, saved, imported, and their logits compared with ours. The
+The GS-LoRA face ViT (the model of `benchmarks/step_speed_torch.py`), a torchvision-layout and a
+timm-layout ViT (built here) are made in PyTorch with tiny sizes and random weights, saved,
+imported, and their logits compared with ours. The
 `.safetensors` path is checked against a plain-numpy forward and needs no PyTorch.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import jax
@@ -18,6 +20,10 @@ from scipy import special
 from kswap_jax import builders, npz, torch_import
 from kswap_jax.errors import UserError
 from kswap_jax.models import vit
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+import step_speed_torch  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 IMAGE, PATCH, CLASSES = 8, 2, 5
 WIDTH, DEPTH, MLP, HEADS = 32, 2, 64, 2  # Nano
@@ -45,84 +51,10 @@ def _torch():
 
 
 def _face_vit(torch):
-  """The structure of GS-LoRA's `ViT_face` (vit_pytorch_face/vit_face.py) at tiny sizes."""
-  nn, F = torch.nn, torch.nn.functional
-
-  class Residual(nn.Module):
-    def __init__(self, fn):
-      super().__init__()
-      self.fn = fn
-
-    def forward(self, x):
-      return x + self.fn(x)
-
-  class PreNorm(nn.Module):
-    def __init__(self, fn):
-      super().__init__()
-      self.norm, self.fn = nn.LayerNorm(WIDTH), fn  # torch's eps 1e-5
-
-    def forward(self, x):
-      return self.fn(self.norm(x))
-
-  class Attention(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.to_qkv = nn.Linear(WIDTH, 3 * WIDTH, bias=False)
-      self.to_out = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Dropout(0.0))
-
-    def forward(self, x):
-      b, n, _ = x.shape
-      q, k, v = (t.reshape(b, n, HEADS, -1).transpose(1, 2) for t in self.to_qkv(x).chunk(3, -1))
-      a = (q @ k.transpose(-1, -2) * WIDTH ** -0.5).softmax(-1)  # the width, not head_dim
-      return self.to_out((a @ v).transpose(1, 2).reshape(b, n, WIDTH))
-
-  class FeedForward(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.net = nn.Sequential(nn.Linear(WIDTH, MLP), nn.GELU(), nn.Dropout(0.0),
-                               nn.Linear(MLP, WIDTH), nn.Dropout(0.0))
-
-    def forward(self, x):
-      return self.net(x)
-
-  class Transformer(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.layers = nn.ModuleList(
-          nn.ModuleList([Residual(PreNorm(Attention())), Residual(PreNorm(FeedForward()))])
-          for _ in range(DEPTH))
-
-    def forward(self, x):
-      for attn, ff in self.layers:
-        x = ff(attn(x))
-      return x
-
-  class CosFace(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.weight = nn.Parameter(torch.randn(CLASSES, WIDTH))
-
-  class ViTFace(nn.Module):
-    def __init__(self):
-      super().__init__()
-      n = (IMAGE // PATCH) ** 2
-      self.pos_embedding = nn.Parameter(torch.randn(1, n + 1, WIDTH))
-      self.patch_to_embedding = nn.Linear(3 * PATCH * PATCH, WIDTH)
-      self.cls_token = nn.Parameter(torch.randn(1, 1, WIDTH))
-      self.transformer = Transformer()
-      self.mlp_head = nn.Sequential(nn.LayerNorm(WIDTH))
-      self.loss = CosFace()
-
-    def forward(self, img):  # (B, C, H, W) -> linear logits emb . w_k
-      b, c, h, w = img.shape
-      p = PATCH
-      x = img.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)  # b h w p1 p2 c
-      x = self.patch_to_embedding(x.reshape(b, (h // p) * (w // p), p * p * c))
-      x = torch.cat([self.cls_token.expand(b, -1, -1), x], 1) + self.pos_embedding
-      emb = self.mlp_head(self.transformer(x)[:, 0])
-      return F.linear(emb, self.loss.weight)
-
-  return ViTFace()
+  """The structure of GS-LoRA's `ViT_face` (vit_pytorch_face/vit_face.py) at tiny sizes, without
+  LoRA (`benchmarks/step_speed_torch.py`): images -> the embedding."""
+  return step_speed_torch.face_vit(torch, image=IMAGE, patch=PATCH, width=WIDTH, depth=DEPTH,
+                                   heads=HEADS, mlp=MLP, classes=CLASSES, dropout=0.0, rank=0)
 
 
 def _torchvision_vit(torch):
@@ -197,7 +129,7 @@ def test_gs_lora_face_vit_matches_the_authors_structure(tmp_path, class_posemb):
   assert torch_import.detect_format(str(path), torch_import.read_state(str(path))) == \
       torch_import.GS_LORA_FACE
   images = _images()
-  want = _torch_logits(torch, ref, images)
+  want = _torch_logits(torch, ref, images) @ ref.loss.weight.detach().numpy().T  # linear head
   np.testing.assert_allclose(_ours(path, **FACE, class_posemb=class_posemb)(images), want,
                              **TOL)
   head_scaled = _ours(path, **{**FACE, "attention_scale": "head"})(images)
