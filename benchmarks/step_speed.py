@@ -14,8 +14,8 @@ just before and just after the step is timed, so a slow or fast spell of a share
 shows in both), plus the compiled step's temp and argument bytes (and the device's peak bytes
 where it reports them) and the host's minor page faults per step. Random weights and images:
 the cost does not depend on their values. --dtypes sets `model.dtype`: bfloat16 computes
-activations and matmuls in bfloat16 around float32 parameters (on CPU it may be slower than
-float32); `time_vs_float32` is a row's median step time over the float32 row of the same
+activations and matmuls in bfloat16 around float32 parameters (on 2 CPU cores it was faster
+for face and vit_b16 and slower for digits); `time_vs_float32` is a row's median step time over the float32 row of the same
 workload and run.
 
 Host memory is set up as `kswap` sets it (`host_memory.retain_freed_memory`); `--host_memory
@@ -68,11 +68,13 @@ def matmul_peak(n: int, dtype, repeats: int) -> float:
   return 2 * n**3 / best / 1e9
 
 
-def setup(name: str, rng_impl: str, dtype: str, dropout: float = 0.1, **model):
-  """(step, state, batches, loss_fn) of one GS-LoRA update for workload `name`; model: other
-  `config.model` settings (e.g. a checkpoint layout's `torch_import.MODEL_DEFAULTS`).
-  loss_fn(trainable, frozen, hparams, batches, rng) -> (loss, terms) is the step's loss."""
-  variant, size, channels, classes, head, n = WORKLOADS[name]
+def setup(workload: str | tuple, rng_impl: str, dtype: str, dropout: float = 0.1, **model):
+  """(step, state, batches, loss_fn) of one GS-LoRA update for `workload` (a name in
+  WORKLOADS, or an entry like theirs); model: other `config.model` settings (e.g. a checkpoint
+  layout's `torch_import.MODEL_DEFAULTS`). loss_fn(trainable, frozen, hparams, batches, rng)
+  -> (loss, terms) is the step's loss."""
+  variant, size, channels, classes, head, n = (
+      WORKLOADS[workload] if isinstance(workload, str) else workload)
   cfg = ml_collections.ConfigDict(dict(variant=variant, num_classes=classes, dropout=dropout,
                                        dtype=dtype, **model))
   base = train.Network(vit.make_model(cfg), lora_scale=1.0 / 8, rng_impl=rng_impl)

@@ -17,20 +17,21 @@ transposed) go into ours, and with dropout 0 both give the same loss and LoRA gr
 batch; the timing runs only if they agree (relative error below --tolerance). Then rounds of
 --block updates of PyTorch followed by --block of ours, so that a shared machine's load weighs
 on both alike; the first update of each block is not timed (it would pay for the other's
-threads winding down), nor is the first round: median and best step time over the
---rounds x (--block - 1) timed updates of each, GFLOP/s from XLA's FLOP count of the step (the same
-function for both), and MFU against the float32 2048^2 matmul peak (JAX's, best of the runs
+threads winding down), nor is a first, extra round: median and best step time over the
+--rounds x (--block - 1) timed updates of each, GFLOP/s from XLA's FLOP count of our step
+(the same function for both), and MFU against the float32 2048^2 matmul peak (JAX's, best of the runs
 just before and just after the timing; PyTorch's own peak is recorded beside it). PyTorch gets
 the images already normalised, NCHW float32, as the authors' data loader hands them over; ours
 normalises uint8 images inside its step. Host memory is set up for both as `kswap` sets it
 (`--host_memory default`: glibc's defaults).
 
-  python benchmarks/step_speed_torch.py [--rounds 8] [--block 3] [--threads 0] [--quick]
-      [--out FILE]
+  python benchmarks/step_speed_torch.py [--rounds 8] [--block 3] [--threads 0]
+      [--tolerance 1e-3] [--matmul_n 2048] [--host_memory retained|default] [--quick] [--out FILE]
 
---quick: a tiny model (Mu/8: 4 blocks, width 64, at 32 px) and 2 rounds, a smoke run. Needs PyTorch
-(`pip install -e '.[torch]'`). Writes benchmarks/results/step_speed_torch_<backend>.json
-(--quick: step_speed_torch_quick.json) and prints a table.
+--quick: a tiny model (Mu/8: 4 blocks, width 64, at 32 px) and 2 rounds unless --rounds is
+given, a smoke run. Needs PyTorch (`pip install -e '.[torch]'`). Writes
+benchmarks/results/step_speed_torch_<backend>.json (--quick: step_speed_torch_quick.json) and
+prints a table.
 """
 from __future__ import annotations
 
@@ -52,30 +53,24 @@ from kswap_jax.progress import table
 
 FACE = torch_import.MODEL_DEFAULTS[torch_import.GS_LORA_FACE]
 SCALE, MARGIN = 64.0, 0.35  # CosFace, vit_face.py `CosFace(s=64.0, m=0.35)`
-# The sizes of step_speed's face workload (F6/8 at 112 px, 100 classes, batch 8 + 8), and of
-# --quick's Mu/8 at 32 px (registered as step_speed workload "quick").
-FULL = dict(workload="face", image=112, patch=8, width=512, depth=6, heads=8, mlp=2048,
-            classes=100, batch=8)
-QUICK = dict(workload="quick", image=32, patch=8, width=64, depth=4, heads=4, mlp=128,
-             classes=10, batch=4)
-step_speed.WORKLOADS["quick"] = ("Mu/8", 32, 3, 10, "cosface", 4)
+# step_speed's face workload (F6/8 at 112 px, 100 classes, batch 8 + 8) and --quick's Mu/8 at
+# 32 px: the model's sizes, and the `step_speed.WORKLOADS`-style entry of ours.
+SIZES = {"full": dict(image=112, patch=8, width=512, depth=6, heads=8, mlp=2048, classes=100),
+         "quick": dict(image=32, patch=8, width=64, depth=4, heads=4, mlp=128, classes=10)}
+WORKLOAD = {"full": step_speed.WORKLOADS["face"], "quick": ("Mu/8", 32, 3, 10, "cosface", 4)}
 
 
-def face_vit(torch, *, image, patch, width, depth, heads, mlp, classes, dropout, rank=8,
-             **unused):
+def face_vit(torch, *, image, patch, width, depth, heads, mlp, classes, dropout, rank=8):
   """The GS-LoRA face ViT with rank-`rank` LoRA on its FFN layers (0: plain Linear layers):
   (images (B, C, H, W), labels (B,)) -> CosFace logits (B, K) with the margin at the labels;
   images alone -> the embedding (B, D)."""
-  del unused
   nn, F = torch.nn, torch.nn.functional
 
   class LoraLinear(nn.Linear):
-    """x W^T + b + (x A^T) B^T / r, W and b frozen (loralib.Linear with lora_alpha 1)."""
+    """x W^T + b + (x A^T) B^T / r (loralib.Linear with lora_alpha 1)."""
 
     def __init__(self, n_in, n_out):
       super().__init__(n_in, n_out)
-      self.weight.requires_grad_(False)
-      self.bias.requires_grad_(False)
       self.lora_A = nn.Parameter(torch.empty(rank, n_in))
       self.lora_B = nn.Parameter(torch.zeros(n_out, rank))
       nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -154,7 +149,7 @@ def face_vit(torch, *, image, patch, width, depth, heads, mlp, classes, dropout,
       self.transformer = Transformer()
       self.mlp_head = nn.Sequential(nn.LayerNorm(width))
       self.loss = CosFace()
-      for name, p in self.transformer.named_parameters():
+      for name, p in self.transformer.named_parameters():  # only the LoRA factors train
         p.requires_grad_("lora_" in name)
       self.mlp_head.requires_grad_(False)
 
@@ -194,11 +189,12 @@ def lora_factors(model, grads: bool = False) -> dict[str, np.ndarray]:
   return flat
 
 
-def jax_workload(torch, model, sizes: dict, dropout: float, tmp: str, settings: dict = FACE):
-  """Our face update (`step_speed.setup` with model `settings`, default the face layout's)
-  holding the PyTorch model's weights: (step, state, batches, loss_fn)."""
-  step, state, batches, loss_fn = step_speed.setup(sizes["workload"], "threefry2x32",
-                                                   "float32", dropout, **settings)
+def jax_workload(torch, model, workload: tuple, dropout: float, tmp: str,
+                 settings: dict = FACE):
+  """Our update of `workload` (a `step_speed.WORKLOADS` entry; model `settings`, default the
+  face layout's) holding the PyTorch model's weights: (step, state, batches, loss_fn)."""
+  step, state, batches, loss_fn = step_speed.setup(workload, "threefry2x32", "float32",
+                                                   dropout, **settings)
   path = os.path.join(tmp, "face.pth")
   torch.save({k: v for k, v in model.state_dict().items() if "lora_" not in k}, path)
   params = torch_import.load_pretrained(path, state["params"])
@@ -219,18 +215,18 @@ def torch_batch(torch, batches: dict):
           torch.from_numpy(labels.astype(np.int64)))
 
 
-def check(torch, sizes: dict, tmp: str, settings: dict = FACE) -> dict:
-  """Loss and LoRA gradients of both with dropout 0 on one batch, with random nonzero LoRA
-  factors (ours with model `settings`): the relative errors."""
+def check(torch, size: str, tmp: str, settings: dict = FACE) -> dict:
+  """Loss and LoRA gradients of both at `size` ("full" or "quick") with dropout 0 on one batch,
+  with random nonzero LoRA factors (ours with model `settings`): the relative errors."""
   torch.manual_seed(1)
-  model = face_vit(torch, dropout=0.0, **sizes)
+  model = face_vit(torch, dropout=0.0, **SIZES[size])
   with torch.no_grad():
     for name, p in model.named_parameters():
       if "lora_B" in name:
         p.normal_(0, 0.02)
-  _, state, batches, loss_fn = jax_workload(torch, model, sizes, 0.0, tmp, settings)
+  _, state, batches, loss_fn = jax_workload(torch, model, WORKLOAD[size], 0.0, tmp, settings)
   images, labels = torch_batch(torch, batches)
-  loss = torch_loss(torch, model, images, labels, sizes["batch"])
+  loss = torch_loss(torch, model, images, labels, WORKLOAD[size][-1])
   loss.backward()
   want = lora_factors(model, grads=True)
 
@@ -261,7 +257,7 @@ def torch_peak(torch, n: int, repeats: int) -> float:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--rounds", type=int, default=8)
+  p.add_argument("--rounds", type=int, default=0, help="0: 8 (--quick: 2)")
   p.add_argument("--block", type=int, default=3)
   p.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: its default)")
   p.add_argument("--tolerance", type=float, default=1e-3)
@@ -270,8 +266,9 @@ def main():
   p.add_argument("--quick", action="store_true")
   p.add_argument("--out", default="")
   args = p.parse_args()
+  args.rounds = args.rounds or (2 if args.quick else 8)
   if args.block < 2 or args.rounds < 1:
-    raise SystemExit("error: --block must be >= 2 and --rounds >= 1")
+    raise SystemExit("error: --block must be >= 2 and --rounds >= 1 (0: the default)")
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -280,12 +277,10 @@ def main():
     raise SystemExit("error: --host_memory retained needs glibc (Linux); use --host_memory default")
   if args.threads:
     torch.set_num_threads(args.threads)
-  sizes = QUICK if args.quick else FULL
-  if args.quick:
-    args.rounds = 2
+  size = "quick" if args.quick else "full"
 
   with tempfile.TemporaryDirectory() as tmp:
-    agree = check(torch, sizes, tmp)
+    agree = check(torch, size, tmp)
     print(f"check (dropout 0): loss {agree['loss_torch']:.6g} (PyTorch) vs "
           f"{agree['loss_jax']:.6g} (ours); LoRA gradients' largest relative error "
           f"{agree['grad_rel_error_max']:.2e}", flush=True)
@@ -293,8 +288,8 @@ def main():
       raise SystemExit(f"error: the two updates differ by more than --tolerance "
                        f"{args.tolerance}: {agree}; no timing")
     torch.manual_seed(0)
-    model = face_vit(torch, dropout=0.1, **sizes).train()
-    step, state, batches, _ = jax_workload(torch, model, sizes, 0.1, tmp)
+    model = face_vit(torch, dropout=0.1, **SIZES[size]).train()
+    step, state, batches, _ = jax_workload(torch, model, WORKLOAD[size], 0.1, tmp)
   images, labels = torch_batch(torch, batches)
   trained = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(trained, lr=state["hparams"]["lr"].item(), betas=(0.9, 0.999),
@@ -302,7 +297,7 @@ def main():
 
   def torch_step():
     opt.zero_grad(set_to_none=True)
-    loss = torch_loss(torch, model, images, labels, sizes["batch"])
+    loss = torch_loss(torch, model, images, labels, WORKLOAD[size][-1])
     loss.backward()
     opt.step()
     return loss
@@ -339,7 +334,7 @@ def main():
       "backend": jax.default_backend(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
       "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
       "config": {**vars(args), "out": os.path.relpath(args.out) if args.out else ""},
-      "sizes": sizes, "check": agree, "gflop_per_step": flops / 1e9, "compile_s": compile_s,
+      "sizes": SIZES[size], "check": agree, "gflop_per_step": flops / 1e9, "compile_s": compile_s,
       "peak_gflops": peak, "torch_peak_gflops": torch_peak(torch, args.matmul_n, 5),
       "rows": rows,
       "speedup_median": rows[0]["step_ms"] / rows[1]["step_ms"],

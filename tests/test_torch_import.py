@@ -1,9 +1,9 @@
 """PyTorch checkpoint import (`kswap_jax.torch_import`) against independent reference models.
 
-The GS-LoRA face ViT (the model of `benchmarks/step_speed_torch.py`), a torchvision-layout and a
-timm-layout ViT (built here) are made in PyTorch with tiny sizes and random weights, saved,
-imported, and their logits compared with ours. The
-`.safetensors` path is checked against a plain-numpy forward and needs no PyTorch.
+The GS-LoRA face ViT (the model of `benchmarks/step_speed_torch.py`) and a torchvision-layout ViT
+(built here) are made in PyTorch with tiny sizes and random weights, saved, imported, and their
+logits compared with ours. timm-layout state dicts (`.safetensors` and `.pth`) are checked
+against a plain-numpy forward; the `.safetensors` path needs no PyTorch.
 """
 from __future__ import annotations
 
@@ -20,10 +20,8 @@ from scipy import special
 from kswap_jax import builders, npz, torch_import
 from kswap_jax.errors import UserError
 from kswap_jax.models import vit
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
-import step_speed_torch  # pylint: disable=g-import-not-at-top,wrong-import-position
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "benchmarks")
 
 IMAGE, PATCH, CLASSES = 8, 2, 5
 WIDTH, DEPTH, MLP, HEADS = 32, 2, 64, 2  # Nano
@@ -53,6 +51,9 @@ def _torch():
 def _face_vit(torch):
   """The structure of GS-LoRA's `ViT_face` (vit_pytorch_face/vit_face.py) at tiny sizes, without
   LoRA (`benchmarks/step_speed_torch.py`): images -> the embedding."""
+  if BENCHMARKS not in sys.path:
+    sys.path.insert(0, BENCHMARKS)
+  import step_speed_torch  # pylint: disable=g-import-not-at-top
   return step_speed_torch.face_vit(torch, image=IMAGE, patch=PATCH, width=WIDTH, depth=DEPTH,
                                    heads=HEADS, mlp=MLP, classes=CLASSES, dropout=0.0, rank=0)
 

@@ -15,13 +15,13 @@ import step_speed_torch  # pylint: disable=g-import-not-at-top,wrong-import-posi
 
 
 def test_the_pytorch_face_update_equals_ours(tmp_path):
-  agree = step_speed_torch.check(torch, step_speed_torch.QUICK, str(tmp_path))
-  assert agree["grad_leaves"] == 4 * step_speed_torch.QUICK["depth"]  # A, B of both FFN layers
+  agree = step_speed_torch.check(torch, "quick", str(tmp_path))
+  assert agree["grad_leaves"] == 4 * step_speed_torch.SIZES["quick"]["depth"]  # A, B of 2 FFNs
   assert agree["loss_rel_error"] < 1e-5
   assert agree["grad_rel_error_max"] < 1e-4
 
 
 def test_the_check_tells_another_attention_scale_apart(tmp_path):
   head_scaled = {**step_speed_torch.FACE, "attention_scale": "head"}
-  agree = step_speed_torch.check(torch, step_speed_torch.QUICK, str(tmp_path), head_scaled)
+  agree = step_speed_torch.check(torch, "quick", str(tmp_path), head_scaled)
   assert agree["grad_rel_error_max"] > 1e-2
