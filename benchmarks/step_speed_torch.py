@@ -19,11 +19,11 @@ batch; the timing runs only if they agree (relative error below --tolerance). Th
 on both alike; the first update of each block is not timed (it would pay for the other's
 threads winding down), nor is a first, extra round: median and best step time over the
 --rounds x (--block - 1) timed updates of each, GFLOP/s from XLA's FLOP count of our step
-(the same function for both), and MFU against the float32 2048^2 matmul peak (JAX's, best of the runs
-just before and just after the timing; PyTorch's own peak is recorded beside it). PyTorch gets
-the images already normalised, NCHW float32, as the authors' data loader hands them over; ours
-normalises uint8 images inside its step. Host memory is set up for both as `kswap` sets it
-(`--host_memory default`: glibc's defaults).
+(the same function for both), and MFU against the float32 2048^2 matmul peak (JAX's, best of
+the runs just before and just after the timing; PyTorch's own peak is recorded beside it).
+PyTorch gets the images already normalised, NCHW float32, as the authors' data loader hands
+them over; ours normalises uint8 images inside its step. Host memory is set up for both as
+`kswap` sets it (`--host_memory default`: glibc's defaults).
 
   python benchmarks/step_speed_torch.py [--rounds 8] [--block 3] [--threads 0]
       [--tolerance 1e-3] [--matmul_n 2048] [--host_memory retained|default] [--quick] [--out FILE]

@@ -1,9 +1,11 @@
 """The metrics stream: a global step across stages, clean stage names, wall time, train and
-eval records, no duplicates after a resume, TensorBoard events readable without TensorFlow,
-and a clear error for W&B without wandb."""
+eval records, no duplicates after a resume, TensorBoard events readable without TensorFlow
+(written without loading PyTorch), and a clear error for W&B without wandb."""
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import ml_collections
@@ -112,3 +114,14 @@ def test_wandb_without_the_package_is_a_user_error(tmp_path, monkeypatch):
   config = ml_collections.ConfigDict({"log": {"wandb_project": "p"}})
   with pytest.raises(UserError, match="needs wandb: pip install wandb"):
     metrics_log.MetricsLog(str(tmp_path), config).rewind(None)
+
+
+def test_tensorboard_events_are_written_without_loading_pytorch(tmp_path):
+  pytest.importorskip("torch")  # tensorboardX would import it
+  code = ("import sys; from kswap_jax import metrics_log; "
+          "log = metrics_log.MetricsLog(sys.argv[1]); log.rewind(None); "
+          "log.train(0, {'loss': 1.5}); log.tb.flush(); print('torch' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                       text=True, check=True)
+  assert out.stdout.split() == ["False"]
+  assert _events(str(tmp_path)) == [("train/loss", 0, 1.5)]
