@@ -27,7 +27,6 @@ from typing import Callable
 import jax
 import ml_collections
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
 from scipy import ndimage
 
@@ -37,13 +36,6 @@ from kswap_jax.errors import UserError
 BACKGROUND, IGNORE = -1, -2
 MASK_ZERO = ("background", "ignore")
 AFFINE = ("rotate", "zoom", "shear")  # data.affine's fields: degrees, fractions of 1
-
-
-def _records(name: str, split: str, data_dir: str):
-  """Random access to the records of a TFDS split (the embedded datasets built first)."""
-  builder = (sources.EMBEDDED[name](data_dir) if name in sources.EMBEDDED
-             else tfds.builder(name, data_dir=data_dir))
-  return builder.as_data_source(split=split)
 
 
 def _get(record: dict, path: str) -> np.ndarray:
@@ -78,8 +70,8 @@ class DenseSet:
 def example_set(task: str, data: ml_collections.ConfigDict, examples: pipeline.ExampleSet,
                 class_ids: list[int], new_ids: list[int]) -> DenseSet:
   """The targets of `examples` (a `pipeline.select` of `class_ids`, labels `new_ids`)."""
-  data_dir = data.get("data_dir") or sources.default_data_dir()
-  ds = _records(examples.source.name, examples.source.split, data_dir)
+  _, ds = sources.data_source(examples.source.name, examples.source.split,
+                              data.get("data_dir") or None)
   mapping = dict(zip(class_ids, new_ids))
   cache: dict[int, dict] = {}
   if task == "detection":

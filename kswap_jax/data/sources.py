@@ -55,30 +55,7 @@ def open_source(name: str, split: str, data_dir: str | None = None,
   """Opens split `split` of dataset `name` ("cifar100", "sklearn_digits", "folder:/path")."""
   if name.startswith("folder:"):
     return _folder_source(name[len("folder:"):], split)
-  data_dir = data_dir or default_data_dir()
-  if name in EMBEDDED:
-    builder = EMBEDDED[name](data_dir)
-  else:
-    try:
-      builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-      raise UserError(f"unknown dataset {name!r}; use a TFDS name (e.g. 'cifar100'), "
-                      f"'{digits.NAME}', or 'folder:/path/to/dir'") from None
-  try:
-    ds = builder.as_data_source(split=split)
-  except Exception as e:  # pylint: disable=broad-except
-    if not builder.is_prepared():
-      raise UserError(f"dataset {name!r} is not prepared in {data_dir}; build it there (e.g. "
-                      f"`tfds build {name} --data_dir {data_dir} --file_format array_record`) "
-                      f"or set data.data_dir") from None
-    if isinstance(e, NotImplementedError):  # stored as TFRecord files: no random access
-      raise UserError(f"dataset {name!r} in {builder.data_dir} is stored as "
-                      f"{builder.info.file_format.value} files, which cannot be read by index; "
-                      f"convert it once (needs TensorFlow): `tfds convert_format "
-                      f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record`"
-                      ) from None
-    raise UserError(f"split {split!r} of {name!r} cannot be read ({str(e)[:200]}); available "
-                    f"splits: {sorted(builder.info.splits)}") from None
+  builder, ds = data_source(name, split, data_dir)
   features = builder.info.features
   label_feature = nested(features, label_key)
   if image_key not in features or label_feature is None:
@@ -92,6 +69,35 @@ def open_source(name: str, split: str, data_dir: str | None = None,
   names = getattr(label_feature, "names", None) or [str(c) for c in range(255)]
   return Source(name, split, labels, list(names), lambda i: np.asarray(ds[int(i)][image_key]),
                 _files(builder, split, image_key))
+
+
+def data_source(name: str, split: str, data_dir: str | None = None):
+  """(TFDS builder, random-access data source of split `split`) of dataset `name` (a TFDS name
+  or an embedded one, built first); a UserError saying what to do when it cannot be read."""
+  data_dir = data_dir or default_data_dir()
+  if name in EMBEDDED:
+    builder = EMBEDDED[name](data_dir)
+  else:
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+      raise UserError(f"unknown dataset {name!r}; use a TFDS name (e.g. 'cifar100'), "
+                      f"'{digits.NAME}', or 'folder:/path/to/dir'") from None
+  try:
+    return builder, builder.as_data_source(split=split)
+  except Exception as e:  # pylint: disable=broad-except
+    if not builder.is_prepared():
+      raise UserError(f"dataset {name!r} is not prepared in {data_dir}; build it there (e.g. "
+                      f"`tfds build {name} --data_dir {data_dir} --file_format array_record`) "
+                      f"or set data.data_dir") from None
+    if isinstance(e, NotImplementedError):  # stored as TFRecord files: no random access
+      raise UserError(f"dataset {name!r} in {builder.data_dir} is stored as "
+                      f"{builder.info.file_format.value} files, which cannot be read by index; "
+                      f"convert it once (needs TensorFlow): `tfds convert_format "
+                      f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record`"
+                      ) from None
+    raise UserError(f"split {split!r} of {name!r} cannot be read ({str(e)[:200]}); available "
+                    f"splits: {sorted(builder.info.splits)}") from None
 
 
 def nested(record, path: str):
