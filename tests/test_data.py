@@ -165,6 +165,19 @@ def test_epoch_sampler_is_a_function_of_step():
   assert len(pipeline.EpochSampler(3, 8, 0).positions(0)) == 8  # small sets repeat
 
 
+def test_epoch_sampler_keeps_one_epoch_and_gives_what_a_fresh_one_gives():
+  s = pipeline.EpochSampler(50, 4, seed=3)  # 12 steps per epoch
+  steps = [0, 5, 11, 12, 30, 13, 2, 40, 0]  # across epochs, back and forth
+  got = [s.positions(t) for t in steps]
+  for t, p in zip(steps, got):
+    np.testing.assert_array_equal(p, pipeline.EpochSampler(50, 4, seed=3).positions(t))
+    assert p.key == (3, t)
+  assert s.permutation(1) is s.permutation(1)  # kept, not drawn again
+  assert not s.permutation(1).flags.writeable
+  got[0][:] = -1  # a batch's positions are its own
+  assert (s.positions(0) >= 0).all()
+
+
 def test_batches_and_eval_padding():
   src = sources.open_source("sklearn_digits", "test")
   ex = pipeline.select(src, [0], [0], image_size=8, channels=1)

