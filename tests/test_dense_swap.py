@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 from scipy import optimize
@@ -244,6 +245,15 @@ def test_refuses_bad_input(tmp_path):
   c.init.pretrain.model.task = "pose"
   with pytest.raises(UserError, match="model.task='pose' is not allowed"):
     runner.run("swap", c, str(tmp_path / "b"))
+  for split in ("train", "test"):  # an image folder of the scenes' 10 classes
+    for k in range(10):
+      os.makedirs(tmp_path / "folder" / split / str(k))
+      Image.new("L", (32, 32)).save(tmp_path / "folder" / split / str(k) / "0.png")
+  c = _swap_config("segmentation")
+  c.init.pretrain.data.update(dataset=f"folder:{tmp_path / 'folder'}", train_split="train",
+                              test_split="test")
+  with pytest.raises(UserError, match="is an image folder, which has none"):
+    runner.run("swap", c, str(tmp_path / "c"))
 
 
 def test_ade20k_config_on_mock_data(tmp_path):

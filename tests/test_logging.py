@@ -1,6 +1,7 @@
 """The metrics stream: a global step across stages, clean stage names, wall time, train and
 eval records, no duplicates after a resume, TensorBoard events readable without TensorFlow
 (written without loading PyTorch), and a clear error for W&B without wandb."""
+import importlib.util
 import json
 import os
 import struct
@@ -116,8 +117,9 @@ def test_wandb_without_the_package_is_a_user_error(tmp_path, monkeypatch):
     metrics_log.MetricsLog(str(tmp_path), config).rewind(None)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                    reason="tensorboardX imports PyTorch only when it is installed")
 def test_tensorboard_events_are_written_without_loading_pytorch(tmp_path):
-  pytest.importorskip("torch")  # tensorboardX would import it
   code = ("import sys; from kswap_jax import metrics_log; "
           "log = metrics_log.MetricsLog(sys.argv[1]); log.rewind(None); "
           "log.train(0, {'loss': 1.5}); log.tb.flush(); print('torch' in sys.modules)")
