@@ -15,8 +15,8 @@ shows in both), plus the compiled step's temp and argument bytes (and the device
 where it reports them) and the host's minor page faults per step. Random weights and images:
 the cost does not depend on their values. --dtypes sets `model.dtype`: bfloat16 computes
 activations and matmuls in bfloat16 around float32 parameters (on 2 CPU cores it was faster
-for face and vit_b16 and slower for digits); `time_vs_float32` is a row's median step time over the float32 row of the same
-workload and run.
+for face and vit_b16 and slower for digits); `time_vs_float32` is a row's median step time
+over the float32 row of the same workload and run.
 
 Host memory is set up as `kswap` sets it (`host_memory.retain_freed_memory`); `--host_memory
 default` keeps glibc's defaults, under which every step faults its temp buffer in again.

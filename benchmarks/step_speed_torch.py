@@ -49,15 +49,22 @@ import step_speed
 import step_timing
 
 from kswap_jax import host_memory, sharding, torch_import, trees, workdir
+from kswap_jax.models import vit
 from kswap_jax.progress import table
 
 FACE = torch_import.MODEL_DEFAULTS[torch_import.GS_LORA_FACE]
 SCALE, MARGIN = 64.0, 0.35  # CosFace, vit_face.py `CosFace(s=64.0, m=0.35)`
 # step_speed's face workload (F6/8 at 112 px, 100 classes, batch 8 + 8) and --quick's Mu/8 at
-# 32 px: the model's sizes, and the `step_speed.WORKLOADS`-style entry of ours.
-SIZES = {"full": dict(image=112, patch=8, width=512, depth=6, heads=8, mlp=2048, classes=100),
-         "quick": dict(image=32, patch=8, width=64, depth=4, heads=4, mlp=128, classes=10)}
+# 32 px, as `step_speed.WORKLOADS` entries.
 WORKLOAD = {"full": step_speed.WORKLOADS["face"], "quick": ("Mu/8", 32, 3, 10, "cosface", 4)}
+
+
+def model_sizes(workload: tuple) -> dict:
+  """`face_vit`'s sizes for a `step_speed.WORKLOADS` entry (its variant's: `vit.get_variant`)."""
+  variant, image, _, classes, _, _ = workload
+  v = vit.get_variant(variant)
+  return dict(image=image, patch=v["patch_size"], width=v["width"], depth=v["depth"],
+              heads=v["num_heads"], mlp=v["mlp_dim"], classes=classes)
 
 
 def face_vit(torch, *, image, patch, width, depth, heads, mlp, classes, dropout, rank=8):
@@ -219,7 +226,7 @@ def check(torch, size: str, tmp: str, settings: dict = FACE) -> dict:
   """Loss and LoRA gradients of both at `size` ("full" or "quick") with dropout 0 on one batch,
   with random nonzero LoRA factors (ours with model `settings`): the relative errors."""
   torch.manual_seed(1)
-  model = face_vit(torch, dropout=0.0, **SIZES[size])
+  model = face_vit(torch, dropout=0.0, **model_sizes(WORKLOAD[size]))
   with torch.no_grad():
     for name, p in model.named_parameters():
       if "lora_B" in name:
@@ -288,7 +295,7 @@ def main():
       raise SystemExit(f"error: the two updates differ by more than --tolerance "
                        f"{args.tolerance}: {agree}; no timing")
     torch.manual_seed(0)
-    model = face_vit(torch, dropout=0.1, **SIZES[size]).train()
+    model = face_vit(torch, dropout=0.1, **model_sizes(WORKLOAD[size])).train()
     step, state, batches, _ = jax_workload(torch, model, WORKLOAD[size], 0.1, tmp)
   images, labels = torch_batch(torch, batches)
   trained = [p for p in model.parameters() if p.requires_grad]
@@ -334,7 +341,7 @@ def main():
       "backend": jax.default_backend(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
       "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
       "config": {**vars(args), "out": os.path.relpath(args.out) if args.out else ""},
-      "sizes": SIZES[size], "check": agree, "gflop_per_step": flops / 1e9, "compile_s": compile_s,
+      "sizes": model_sizes(WORKLOAD[size]), "check": agree, "gflop_per_step": flops / 1e9, "compile_s": compile_s,
       "peak_gflops": peak, "torch_peak_gflops": torch_peak(torch, args.matmul_n, 5),
       "rows": rows,
       "speedup_median": rows[0]["step_ms"] / rows[1]["step_ms"],

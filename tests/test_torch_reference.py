@@ -16,7 +16,8 @@ import step_speed_torch  # pylint: disable=g-import-not-at-top,wrong-import-posi
 
 def test_the_pytorch_face_update_equals_ours(tmp_path):
   agree = step_speed_torch.check(torch, "quick", str(tmp_path))
-  assert agree["grad_leaves"] == 4 * step_speed_torch.SIZES["quick"]["depth"]  # A, B of 2 FFNs
+  depth = step_speed_torch.model_sizes(step_speed_torch.WORKLOAD["quick"])["depth"]
+  assert agree["grad_leaves"] == 4 * depth  # A, B of both FFN layers
   assert agree["loss_rel_error"] < 1e-5
   assert agree["grad_rel_error_max"] < 1e-4
 

@@ -70,10 +70,6 @@ class DenseSet:
 def example_set(task: str, data: ml_collections.ConfigDict, examples: pipeline.ExampleSet,
                 class_ids: list[int], new_ids: list[int]) -> DenseSet:
   """The targets of `examples` (a `pipeline.select` of `class_ids`, labels `new_ids`)."""
-  if examples.source.name.startswith("folder:"):
-    raise UserError(f"{task} reads its boxes or masks from a TFDS dataset's records, and "
-                    f"data.dataset={examples.source.name!r} is an image folder, which has none; "
-                    "use a TFDS dataset (e.g. coco/2017, scene_parse150)")
   _, ds = sources.data_source(examples.source.name, examples.source.split,
                               data.get("data_dir") or None)
   mapping = dict(zip(class_ids, new_ids))

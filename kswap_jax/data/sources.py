@@ -74,6 +74,10 @@ def open_source(name: str, split: str, data_dir: str | None = None,
 def data_source(name: str, split: str, data_dir: str | None = None):
   """(TFDS builder, random-access data source of split `split`) of dataset `name` (a TFDS name
   or an embedded one, built first); a UserError saying what to do when it cannot be read."""
+  if name.startswith("folder:"):
+    raise UserError(f"data.dataset={name!r} is an image folder, which has none of the records "
+                    "a TFDS dataset has (e.g. boxes or masks for detection or segmentation); "
+                    "use a TFDS dataset (e.g. coco/2017, scene_parse150)")
   data_dir = data_dir or default_data_dir()
   if name in EMBEDDED:
     builder = EMBEDDED[name](data_dir)
