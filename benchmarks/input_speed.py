@@ -5,15 +5,18 @@ Builds (once, no download) `synthetic_jpegs`: --images generated JPEG images of 
 TFDS array_record dataset in --data_dir/n<images>_c<classes>. Then, each part in a fresh
 process:
 
-  raw decode      Pillow decode of the stored JPEG bytes (--raw_images of them, in turn) to
-                  uint8 arrays, one thread: images per CPU-second, what one core can do at best
+  record read     CPU time to read one image's record (its JPEG bytes), --raw_images of them
+  raw decode      the decode of the stored JPEG bytes (--raw_images of them, in turn) to
+                  uint8 arrays, one thread, by Pillow and, where it is installed, by OpenCV
+                  (the same pixels): images per CPU-second, what one core can do at best
                   (every pipeline decodes each image once)
   pipeline        --speed_batches training batches of --batch images as a job reads them:
                   `ExampleSet` with random-resized crop (area 0.08-1) + flip to 224 x 224,
-                  positions from `EpochSampler`, made by the grain loader
+                  resized with each crop filter this machine has ("antialias": Pillow;
+                  "bilinear": OpenCV), positions from `EpochSampler`, made by the grain loader
                   (`kswap_jax.data.loader`) with 0, 1 and 2 workers: images per CPU-second
                   (process CPU time, all threads, from the loader's start to its last batch),
-                  and that over the raw decode's (goal >= 80%)
+                  and that over each raw decode's (goal >= 80%)
   feeding a step  a --variant (default ViT-B/16) full fine-tuning step (AdamW) on --step_batch
                   images from the loader with 0 and 2 workers: the fraction of the time spent
                   waiting for the next batch (the first, compiling step left out); the peak RSS
@@ -22,10 +25,10 @@ process:
                   JAX backend start not timed): seconds, without the label index
                   (`kswap_jax.data.label_index`; its file deleted first) and with it
 
-The raw decode and the pipeline alternate: after each batch this thread decodes --batch raw
-images (its own CPU time, taken off the process's for the pipeline), so a load that changes on
-a shared machine weighs on both alike; wall-clock throughput is therefore not measured there
-(the feeding step shows whether the loader keeps up).
+The raw decodes and the pipeline alternate: after each batch this thread decodes --batch raw
+images with each decoder (its own CPU time, taken off the process's for the pipeline), so a
+load that changes on a shared machine weighs on all alike; wall-clock throughput is therefore
+not measured there (the feeding step shows whether the loader keeps up).
 
   python benchmarks/input_speed.py [--images 20000] [--quick] [--data_dir DIR] [--out FILE]
 
@@ -45,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -116,14 +120,14 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _train_set(data_dir: str, workers: int):
-  """(all train images as a training `ExampleSet` (224 px, random-resized crop + flip), its
-  source)."""
+def _train_set(data_dir: str, workers: int, crop_filter: str = "antialias"):
+  """(all train images as a training `ExampleSet` (224 px, random-resized crop + flip,
+  resized with `crop_filter`), its source)."""
   from kswap_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
   src = sources.open_source(NAME, "train", data_dir)
   classes = list(range(len(src.class_names)))
   return pipeline.select(src, classes, classes, image_size=224, channels=3, cache=False,
-                         augment=pipeline.Augment("random_resized", 0.08, True),
+                         augment=pipeline.Augment("random_resized", 0.08, True, crop_filter),
                          workers=workers), src
 
 
@@ -134,48 +138,77 @@ def _batches(examples, batch: int, workers: int, steps: int):
   sampler = pipeline.EpochSampler(len(examples), batch, seed=0)
   put = sharding.data_sharding(sharding.make_mesh())
   return loader.iterate(lambda s: pipeline.batch(examples, sampler.positions(s), put), steps,
-                        workers=workers)
+                        ahead=loader.Ahead(workers))
 
 
-def _decode(files: list[bytes]) -> None:
-  """The raw decode: JPEG files -> uint8 (H, W, 3) arrays with Pillow."""
-  for b in files:
-    with Image.open(io.BytesIO(b)) as im:
-      np.asarray(im.convert("RGB"))
+def decoders() -> dict[str, Callable[[list[bytes]], None]]:
+  """The raw decodes, JPEG files -> uint8 (H, W, 3) arrays: Pillow's, and where it is
+  installed OpenCV's (the same pixels, faster; crop_filter "bilinear" decodes with it)."""
+  def pillow(files):
+    for b in files:
+      with Image.open(io.BytesIO(b)) as im:
+        np.asarray(im.convert("RGB"))
+
+  try:
+    import cv2  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return {"pillow": pillow}
+  cv2.setNumThreads(1)
+
+  def opencv(files):
+    for b in files:
+      cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR_RGB)
+
+  return {"pillow": pillow, "opencv": opencv}
+
+
+def crop_filters() -> list[str]:
+  """The `Augment.crop_filter`s this machine can run: "bilinear" needs OpenCV."""
+  return ["antialias", "bilinear"] if "opencv" in decoders() else ["antialias"]
 
 
 def phase_speed(a) -> dict:
-  """Images per CPU-second of the raw decode and of the pipeline with 0, 1 and 2 workers, the
-  raw decode of a batch's worth of images after each batch (module docstring)."""
+  """Images per CPU-second of the raw decodes and of the pipeline with 0, 1 and 2 workers and
+  each crop filter, each raw decode of a batch's worth of images after each batch (module
+  docstring)."""
   builder = tfds.builder(NAME, data_dir=a.data_dir)
   raw = builder.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})
+  t = time.thread_time()
   data = [raw[int(i)]["image"] for i in np.linspace(0, len(raw) - 1, a.raw_images).astype(int)]
-  _decode(data[:a.batch])
+  read_ms = (time.thread_time() - t) / len(data) * 1e3
+  floors = decoders()
+  for decode in floors.values():
+    decode(data[:a.batch])
   examples, _ = _train_set(a.data_dir, 0)
   it = _batches(examples, a.batch, 0, 1)  # JAX's first transfer, not timed
   next(it)["images"].block_until_ready()
   it.close()
-  raw_n, raw_cpu, rows = 0, 0.0, []
-  for workers in (0, 1, 2):
-    examples, _ = _train_set(a.data_dir, workers)
-    decode_cpu, c = 0.0, cpu_seconds()
+  raw_n, raw_cpu, rows = 0, dict.fromkeys(floors, 0.0), []
+  for crop_filter, workers in ((f, w) for f in crop_filters() for w in (0, 1, 2)):
+    examples, _ = _train_set(a.data_dir, workers, crop_filter)
+    spent, c = dict.fromkeys(floors, 0.0), cpu_seconds()
     it = _batches(examples, a.batch, workers, a.speed_batches)
     for b in it:
       b["images"].block_until_ready()
-      t = time.thread_time()
-      _decode([data[(raw_n + k) % len(data)] for k in range(a.batch)])
-      decode_cpu += time.thread_time() - t
+      files = [data[(raw_n + k) % len(data)] for k in range(a.batch)]
+      for name, decode in floors.items():
+        t = time.thread_time()
+        decode(files)
+        spent[name] += time.thread_time() - t
       raw_n += a.batch
     it.close()
-    n, cpu = a.speed_batches * a.batch, cpu_seconds() - c - decode_cpu
-    raw_cpu += decode_cpu
-    rows.append({"workers": workers, "images": n, "images_per_cpu_s": n / cpu,
-                 "raw_decode_images_per_cpu_s": n / decode_cpu,
-                 "vs_raw_decode_per_core_%": 100 * decode_cpu / cpu})
-  return {"raw_decode": {"images": raw_n, "distinct_images": len(data),
-                         "images_per_cpu_s": raw_n / raw_cpu,
-                         "mean_jpeg_kb": float(np.mean([len(b) for b in data]) / 1024)},
-          "pipeline": rows}
+    n, cpu = a.speed_batches * a.batch, cpu_seconds() - c - sum(spent.values())
+    row = {"crop_filter": crop_filter, "workers": workers, "images": n,
+           "images_per_cpu_s": n / cpu}
+    for name, seconds in spent.items():
+      raw_cpu[name] += seconds
+      row[f"{name}_decode_images_per_cpu_s"] = n / seconds
+      row[f"vs_{name}_decode_per_core_%"] = 100 * seconds / cpu
+    rows.append(row)
+  return {"raw_decode": {name: {"images": raw_n, "images_per_cpu_s": raw_n / seconds}
+                         for name, seconds in raw_cpu.items()},
+          "distinct_images": len(data), "record_read_cpu_ms": read_ms,
+          "mean_jpeg_kb": float(np.mean([len(b) for b in data]) / 1024), "pipeline": rows}
 
 
 def phase_train(a) -> dict:
@@ -295,11 +328,14 @@ def main():
   out = a.out or os.path.join(RESULTS, "input_speed_quick.json" if a.quick else
                               "input_speed.json")
   workdir.write_json(out, result)
-  raw = speed["raw_decode"]
-  print(f"raw JPEG decode (Pillow, 1 thread): {raw['images_per_cpu_s']:.0f} images per "
-        f"CPU-second, {raw['mean_jpeg_kb']:.0f} KiB a file")
-  print(table(speed["pipeline"], ["workers", "images_per_cpu_s", "raw_decode_images_per_cpu_s",
-                                  "vs_raw_decode_per_core_%"], "{:.1f}"))
+  print(f"reading a record (the JPEG's bytes) from the array_record file: "
+        f"{speed['record_read_cpu_ms']:.2f} ms of CPU")
+  for name, raw in speed["raw_decode"].items():
+    print(f"raw JPEG decode ({name}, 1 thread): {raw['images_per_cpu_s']:.0f} images per "
+          f"CPU-second, {speed['mean_jpeg_kb']:.0f} KiB a file")
+  print(table(speed["pipeline"], ["crop_filter", "workers", "images_per_cpu_s",
+                                  *(f"vs_{name}_decode_per_core_%" for name in
+                                    speed["raw_decode"])], "{:.1f}"))
   print(f"feeding a ViT-{a.variant} step ({a.step_batch} images):")
   print(table(feed["rows"], ["workers", "step_s", "wait_s", "waiting_%"], "{:.3f}"))
   print(f"peak RSS of that run: {feed['peak_rss_mb']:.0f} MiB")

@@ -62,8 +62,8 @@ def main():
   workdir.write_json(out, {**{k: first[k] for k in ("device", "backend", "cpu_count", "jax")},
                            "config": vars(args), "summary": summary,
                            "runs": [run["rows"] for run in runs]})
-  print(table(summary, ["workload", "rng_impl"] + [f"{f} {s}" for f in FIELDS
-                                                    for s in ("min", "median", "max")]))
+  print(table(summary, ["workload", "rng_impl", "dtype"] + [f"{f} {s}" for f in FIELDS
+                                                             for s in ("min", "median", "max")]))
   print(f"wrote {out}")
 
 

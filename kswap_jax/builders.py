@@ -50,7 +50,8 @@ def example_set(data: ml_collections.ConfigDict, spec: ml_collections.ConfigDict
 def read_options(data: ml_collections.ConfigDict) -> dict:
   """`pipeline.select` options from data.cache_images (True, False or "auto": cache a set
   whose images fit in data.cache_budget_gb), data.resize, data.train_crop,
-  data.crop_min_area, data.flip and data.workers (`config_lib.READ_DEFAULTS` where unset)."""
+  data.crop_min_area, data.crop_filter, data.flip and data.workers (`config_lib.READ_DEFAULTS`
+  where unset)."""
   d = {k: data.get(k, v) for k, v in config_lib.READ_DEFAULTS.items()}
   cache = str(d["cache_images"]).lower()
   if cache not in ("true", "false", "auto"):
@@ -60,7 +61,8 @@ def read_options(data: ml_collections.ConfigDict) -> dict:
                     f"{d['resize']}, {d['workers']}, {d['cache_budget_gb']})")
   return dict(cache=int(d["cache_budget_gb"] * 2**30) if cache == "auto" else cache == "true",
               resize=d["resize"],
-              augment=pipeline.Augment(d["train_crop"], d["crop_min_area"], d["flip"]),
+              augment=pipeline.Augment(d["train_crop"], d["crop_min_area"], d["flip"],
+                                       d["crop_filter"]),
               workers=d["workers"])
 
 

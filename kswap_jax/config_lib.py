@@ -125,7 +125,8 @@ def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
 # How images are read (`builders.read_options`), the defaults of every data section: all
 # images kept in memory, resized straight to image_size, training images not augmented.
 READ_DEFAULTS = dict(cache_images=True, cache_budget_gb=4.0, resize=0, train_crop="none",
-                     crop_min_area=0.08, flip=False, workers=0, prefetch=0)
+                     crop_min_area=0.08, crop_filter="antialias", flip=False, workers=0,
+                     prefetch=0)
 
 
 def digits_data(image_size: int = 8) -> ml_collections.ConfigDict:

@@ -32,7 +32,7 @@ from flax import traverse_util
 import ml_collections
 import numpy as np
 
-from kswap_jax import paths
+from kswap_jax import config_lib, paths
 from kswap_jax.errors import UserError
 
 # Fields (and sections) that may differ between a run and its continuation: they do not change
@@ -127,7 +127,7 @@ def check_config(workdir: str, config: ml_collections.ConfigDict, record: bool =
                           for c in (old, new))
     diff = sorted(k for k in set(old_flat) | set(new_flat)
                   if not _resumable(k) and k not in unused
-                  and old_flat.get(k, "<unset>") != new_flat.get(k, "<unset>"))
+                  and _value(old_flat, k) != _value(new_flat, k))
     if diff:
       raise UserError(f"workdir {workdir} holds a run with a different config (fields {diff}); "
                       f"use a new --workdir or the same config to resume")
@@ -192,6 +192,18 @@ def finished(path: str) -> bool:
 def mark_finished(path: str) -> None:
   now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
   write_json(os.path.join(path, FINISHED), {"finished": now})
+
+
+def _value(flat: dict, key: str) -> Any:
+  """A flattened config's value at dotted `key`. A `data` section's reading field that it lacks
+  (a run started before the field existed) has its default (`config_lib.READ_DEFAULTS`), as
+  `builders.read_options` reads it."""
+  if key in flat:
+    return flat[key]
+  section, field = ["", *key.split(".")][-2:]
+  if section == "data" and field in config_lib.READ_DEFAULTS:
+    return config_lib.READ_DEFAULTS[field]
+  return "<unset>"
 
 
 def _resumable(key: str) -> bool:

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import sys
 
 import chex
 import jax
@@ -187,6 +188,45 @@ def test_crop_boxes_fit_and_follow_the_area_bounds():
     assert 0.7 <= (right - left) / (bottom - top) <= 1.4
 
 
+def _half_pixel_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """float (height, width, C): bilinear samples of (H, W, C) at half-pixel centres, edges
+  clamped, no antialiasing (tf.image.resize's formula), written out in numpy."""
+  def axis(n_out, n_in):
+    x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    lo = np.floor(x).astype(int)
+    return lo, np.minimum(lo + 1, n_in - 1), x - lo
+  (y0, y1, wy), (x0, x1, wx) = axis(height, image.shape[0]), axis(width, image.shape[1])
+  f = image.astype(float)
+  rows = f[y0] * (1 - wy)[:, None, None] + f[y1] * wy[:, None, None]
+  return rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
+
+
+def test_bilinear_crop_filter_samples_without_antialiasing():
+  rng = np.random.default_rng(0)
+  for shape, out in (((50, 37, 3), (16, 16)), ((9, 7, 1), (20, 24)), ((61, 90, 3), (24, 24))):
+    image = rng.integers(0, 256, shape, np.uint8)
+    region = image[3:, 2:]  # a crop box's view, as the sets pass it
+    got = pipeline.bilinear(region, *out)
+    assert got.shape == (*out, shape[2]) and got.dtype == np.uint8
+    assert np.abs(got - _half_pixel_bilinear(region, *out)).max() <= 1
+  # Shrinking stripes 1 px wide by 3: samples land on stripes (aliased), while Pillow's
+  # antialiased filter averages them to grey.
+  stripes = np.tile(np.repeat(np.array([0, 255], np.uint8), 1), 24)[None, :, None]
+  stripes = np.repeat(np.repeat(stripes, 48, 0), 3, 2)
+  assert pipeline.bilinear(stripes, 16, 16).std() > 60
+  assert pipeline.resize(stripes, 16, 3).std() < 20
+  np.testing.assert_array_equal(pipeline.flip_lr(stripes[:5, :7]), stripes[:5, 6::-1])
+
+
+def test_bilinear_crop_filter_needs_opencv_and_a_known_name(monkeypatch):
+  with pytest.raises(UserError, match="crop_filter='box' is not allowed"):
+    pipeline.Augment("random_resized", crop_filter="box")
+  monkeypatch.setitem(sys.modules, "cv2", None)  # as if not installed
+  with pytest.raises(UserError, match="needs OpenCV: pip install 'kswap_jax\\[opencv\\]'"):
+    pipeline.Augment("random_resized", crop_filter="bilinear")
+  pipeline.Augment("random_resized")  # the default needs no OpenCV
+
+
 def test_union_of_sets_reads_through_its_parts():
   aug = pipeline.Augment("random_resized", 0.3, flip=True)
   a, b = _set(aug), _set(aug)
@@ -214,8 +254,11 @@ def test_cache_budget_and_config_options():
   opts = builders.read_options(data)
   assert opts["cache"] == 2**29 and opts["resize"] == 256
   assert opts["augment"] == pipeline.Augment("random_resized", 0.08, True)
+  data.update(crop_filter="bilinear")
+  assert builders.read_options(data)["augment"].crop_filter == "bilinear"
   for field, value, msg in (("cache_images", "sometimes", "use True, False or 'auto'"),
                             ("train_crop", "centre", "data.train_crop='centre'"),
+                            ("crop_filter", "area", "data.crop_filter='area'"),
                             ("workers", -1, "must be >= 0")):
     bad = ml_collections.ConfigDict({**config_lib.digits_data().to_dict(), field: value})
     with pytest.raises(UserError, match=msg):
@@ -238,10 +281,11 @@ def test_paper_configs_read_images_as_the_authors_do():
     assert data.cache_images == "auto"
 
 
-def test_files_decoded_here_give_the_pixels_of_the_decoded_arrays(jpegs, tmp_path):
-  """Sets read image files (`Source.encoded`) with Pillow, straight to the crop and resize:
-  the pixels of resizing the decoded `Source.image` arrays, for TFDS JPEGs and folder files of
-  several modes; files of other modes, and broken ones, are read through `image`."""
+def test_files_decoded_here_give_the_pixels_of_the_decoded_arrays(jpegs, tmp_path, monkeypatch):
+  """Sets read image files (`Source.encoded`) with Pillow, straight to the crop and resize, and
+  with crop_filter "bilinear" JPEG files with OpenCV: the pixels of resizing the decoded
+  `Source.image` arrays, for TFDS JPEGs and folder files of several modes; files of other
+  modes, and broken ones, are read through `image`."""
   rng = np.random.default_rng(0)
   kinds = [("RGB", "JPEG"), ("L", "JPEG"), ("RGB", "PNG"), ("P", "PNG"), ("CMYK", "JPEG")]
   for k, (mode, fmt) in enumerate(kinds):
@@ -249,32 +293,47 @@ def test_files_decoded_here_give_the_pixels_of_the_decoded_arrays(jpegs, tmp_pat
     for i in range(3):
       Image.fromarray(rng.integers(0, 255, (30 + i, 40 - i, 3), np.uint8)).convert(mode).save(
           tmp_path / "folder/train" / f"c{k}" / f"{i}.{fmt.lower()}", fmt)
+  cv2, by_opencv = pipeline._opencv(), []  # pylint: disable=protected-access
+  imdecode = cv2.imdecode
+  monkeypatch.setattr(cv2, "imdecode", lambda *a: by_opencv.append(1) or imdecode(*a))
   tfds_src = sources.open_source("striped_jpegs", "train", jpegs)
   folder_src = sources.open_source(f"folder:{tmp_path / 'folder'}", "train")
-  for src, through_image in ((tfds_src, []), (folder_src, [3, 4])):
+  # (source, classes read through `image`, images OpenCV decodes with 3 and with 1 channel)
+  for src, through_image, opencv in ((tfds_src, [], {3: len(tfds_src), 1: 0}),
+                                     (folder_src, [3, 4], {3: 6, 1: 3})):  # RGB + L JPEGs; L
     calls = []
     counted = dataclasses.replace(src, image=lambda i, s=src: calls.append(i) or s.image(i))
-    for channels, resize, aug in ((3, 24, pipeline.Augment("random_resized", 0.1, True)),
-                                  (1, 0, pipeline.Augment("random_resized", 0.5, True)),
-                                  (3, 0, pipeline.Augment(flip=True))):
+    for channels, resize, aug in (
+        (3, 24, pipeline.Augment("random_resized", 0.1, True)),
+        (1, 0, pipeline.Augment("random_resized", 0.5, True)),
+        (3, 0, pipeline.Augment(flip=True)),
+        (3, 0, pipeline.Augment("random_resized", 0.3, True, "bilinear")),
+        (1, 0, pipeline.Augment("random_resized", 0.5, True, "bilinear"))):
       classes, plain = range(len(src.class_names)), dataclasses.replace(src, encoded=None)
       sets = [pipeline.select(s, classes, classes, image_size=16, channels=channels,
                               cache=False, resize=resize, augment=aug) for s in (counted, plain)]
       pos = np.arange(len(sets[0]))
-      for read in (lambda e: e.images(pos), lambda e: e.train_images(pos, (4, 2), pos)):
+      for train, read in ((False, lambda e: e.images(pos)),
+                          (True, lambda e: e.train_images(pos, (4, 2), pos))):
         calls.clear()
-        np.testing.assert_array_equal(read(sets[0]), read(sets[1]))
+        by_opencv.clear()
+        got = read(sets[0])
+        assert len(by_opencv) == (opencv[channels] if train and aug.crop_filter == "bilinear"
+                                  else 0)
+        np.testing.assert_array_equal(got, read(sets[1]))
         assert sorted(set(src.labels[calls].tolist())) == through_image
   path = tmp_path / "folder/train/c0/0.jpeg"
   path.write_bytes(path.read_bytes()[:-400])  # truncated past its header
-  broken = pipeline.select(sources.open_source(f"folder:{tmp_path / 'folder'}", "train"), [0],
-                           [0], image_size=16, channels=3, cache=False)
-  with pytest.raises(UserError, match="0.jpeg' cannot be decoded"):
-    broken.images(np.arange(3))
+  for aug in (pipeline.Augment(), pipeline.Augment("random_resized", 0.3, True, "bilinear")):
+    broken = pipeline.select(sources.open_source(f"folder:{tmp_path / 'folder'}", "train"),
+                             [0], [0], image_size=16, channels=3, cache=False, augment=aug)
+    with pytest.raises(UserError, match="0.jpeg' cannot be decoded"):
+      broken.train_images(np.arange(3), (0, 0), np.arange(3))
 
 
-def test_decoding_threads_give_the_same_images():
-  aug = pipeline.Augment("random_resized", 0.3, flip=True)
+@pytest.mark.parametrize("crop_filter", pipeline.CROP_FILTERS)
+def test_decoding_threads_give_the_same_images(crop_filter):
+  aug = pipeline.Augment("random_resized", 0.3, True, crop_filter)
   pos = np.arange(20)
   one, four = _set(aug, cache=False), _set(aug, cache=False, workers=4)
   np.testing.assert_array_equal(one.train_images(pos, (1, 3), pos),

@@ -96,6 +96,15 @@ def test_workdir_resumes_with_other_run_time_settings(tmp_path):
   with pytest.raises(UserError, match=r"\(fields \['data.image_size'\]\)"):
     workdir.check_config(str(tmp_path), c)
   c.data.image_size -= 1
+  # A run recorded before a data reading field existed resumes where the field has its default.
+  recorded = workdir.read_json(str(tmp_path / "config.json"))
+  del recorded["data"]["crop_filter"]
+  workdir.write_json(str(tmp_path / "config.json"), recorded)
+  workdir.check_config(str(tmp_path), c, record=False)
+  c.data.crop_filter = "bilinear"
+  with pytest.raises(UserError, match=r"\(fields \['data.crop_filter'\]\)"):
+    workdir.check_config(str(tmp_path), c)
+  c.data.crop_filter = "antialias"
   c.init.checkpoint = str(tmp_path / "another_model")  # the model a run starts from
   with pytest.raises(UserError, match=r"\(fields \['init.checkpoint'\]\)"):
     workdir.check_config(str(tmp_path), c)
