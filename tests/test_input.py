@@ -287,12 +287,16 @@ def test_files_decoded_here_give_the_pixels_of_the_decoded_arrays(jpegs, tmp_pat
   `Source.image` arrays, for TFDS JPEGs and folder files of several modes; files of other
   modes, and broken ones, are read through `image`."""
   rng = np.random.default_rng(0)
-  kinds = [("RGB", "JPEG"), ("L", "JPEG"), ("RGB", "PNG"), ("P", "PNG"), ("CMYK", "JPEG")]
-  for k, (mode, fmt) in enumerate(kinds):
+  rotated = Image.Exif()
+  rotated[0x0112] = 6  # EXIF orientation: shown turned 90 degrees, which Pillow does not apply
+  kinds = [("RGB", "JPEG", None), ("L", "JPEG", None), ("RGB", "PNG", None), ("P", "PNG", None),
+           ("CMYK", "JPEG", None), ("RGB", "JPEG", rotated)]
+  for k, (mode, fmt, exif) in enumerate(kinds):
     os.makedirs(tmp_path / "folder/train" / f"c{k}")
     for i in range(3):
       Image.fromarray(rng.integers(0, 255, (30 + i, 40 - i, 3), np.uint8)).convert(mode).save(
-          tmp_path / "folder/train" / f"c{k}" / f"{i}.{fmt.lower()}", fmt)
+          tmp_path / "folder/train" / f"c{k}" / f"{i}.{fmt.lower()}", fmt,
+          **({"exif": exif} if exif else {}))
   cv2, by_opencv = pipeline._opencv(), []  # pylint: disable=protected-access
   imdecode = cv2.imdecode
   monkeypatch.setattr(cv2, "imdecode", lambda *a: by_opencv.append(1) or imdecode(*a))
@@ -300,7 +304,7 @@ def test_files_decoded_here_give_the_pixels_of_the_decoded_arrays(jpegs, tmp_pat
   folder_src = sources.open_source(f"folder:{tmp_path / 'folder'}", "train")
   # (source, classes read through `image`, images OpenCV decodes with 3 and with 1 channel)
   for src, through_image, opencv in ((tfds_src, [], {3: len(tfds_src), 1: 0}),
-                                     (folder_src, [3, 4], {3: 6, 1: 3})):  # RGB + L JPEGs; L
+                                     (folder_src, [3, 4], {3: 9, 1: 3})):  # RGB, L JPEGs; L
     calls = []
     counted = dataclasses.replace(src, image=lambda i, s=src: calls.append(i) or s.image(i))
     for channels, resize, aug in (

@@ -275,9 +275,10 @@ class ExampleSet:
     if (file is not None and file[1].format == "JPEG" and (file[1].mode, c) != ("RGB", 1)
         and file[0].endswith(b"\xff\xd9")):
       cv2 = _opencv()
-      out = cv2.imdecode(np.frombuffer(file[0], np.uint8),
-                         cv2.IMREAD_COLOR_RGB if c == 3 else cv2.IMREAD_GRAYSCALE)
-      if out is not None:
+      mode = cv2.IMREAD_COLOR_RGB if c == 3 else cv2.IMREAD_GRAYSCALE
+      # Pillow leaves an EXIF orientation unapplied, and so must OpenCV.
+      out = cv2.imdecode(np.frombuffer(file[0], np.uint8), mode | cv2.IMREAD_IGNORE_ORIENTATION)
+      if out is not None and out.dtype == np.uint8:  # not a 12-bit JPEG
         return out.reshape(*out.shape[:2], c)
     picture = self._picture(p)
     return (_channels(picture, c) if isinstance(picture, np.ndarray) else
