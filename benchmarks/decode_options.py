@@ -9,12 +9,12 @@ round, so a shared machine's load weighs on all alike):
   pillow crop antialias       Pillow decode, the box resized to 224 in the same call, bilinear
                               antialiased: the pipeline's training crop (torchvision's
                               RandomResizedCrop pixels)
-  opencv decode               cv2.imdecode to an RGB uint8 array
+  opencv decode               cv2.imdecode to an RGB uint8 array (`pipeline.decode_jpeg`)
   opencv + pillow antialias   cv2.imdecode, then the pipeline's Pillow resize of the box (the
                               same pixels as `pillow crop antialias`, another decoder)
   opencv crop linear          cv2.imdecode, the box sliced, cv2.resize INTER_LINEAR: bilinear
-                              without antialiasing (the pixels big_vision's
-                              decode_jpeg_and_inception_crop makes by default, antialias=False)
+                              without antialiasing (the filter of big_vision's
+                              decode_jpeg_and_inception_crop by default, antialias=False)
   opencv crop area            the same with INTER_AREA (box-filter averaging when shrinking)
   tf decode                   tf.io.decode_jpeg
   tf crop linear              tf.io.decode_and_crop_jpeg (decodes only the box) and
@@ -51,7 +51,7 @@ sys.path.insert(0, HERE)
 from input_speed import jpeg  # noqa: E402  pylint: disable=wrong-import-position
 
 from kswap_jax import workdir  # noqa: E402  pylint: disable=wrong-import-position
-from kswap_jax.data.pipeline import crop_box  # noqa: E402  pylint: disable=wrong-import-position
+from kswap_jax.data import pipeline  # noqa: E402  pylint: disable=wrong-import-position
 from kswap_jax.progress import table  # noqa: E402  pylint: disable=wrong-import-position
 
 SIZE = 224
@@ -77,7 +77,7 @@ def opencv_ways() -> dict[str, Callable[[bytes, Box], np.ndarray]]:
 
   def decode(data, box):
     del box
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+    return pipeline.decode_jpeg(data, 3)
 
   def with_pillow(data, box):
     im = Image.fromarray(decode(data, box))
@@ -166,7 +166,7 @@ def main():
   boxes = []
   for data in files:
     with Image.open(io.BytesIO(data)) as im:
-      boxes.append(crop_box(rng, im.height, im.width, 0.08))
+      boxes.append(pipeline.crop_box(rng, im.height, im.width, 0.08))
   ways, versions = available_ways()
   for fn in ways.values():  # first calls (TensorFlow's op setup) not timed
     fn(files[0], boxes[0])

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import io
 import json
 import multiprocessing
@@ -149,15 +150,13 @@ def decoders() -> dict[str, Callable[[list[bytes]], None]]:
       with Image.open(io.BytesIO(b)) as im:
         np.asarray(im.convert("RGB"))
 
-  try:
-    import cv2  # pylint: disable=g-import-not-at-top
-  except ImportError:
+  if importlib.util.find_spec("cv2") is None:
     return {"pillow": pillow}
-  cv2.setNumThreads(1)
+  from kswap_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   def opencv(files):
     for b in files:
-      cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR_RGB)
+      pipeline.decode_jpeg(b, 3)
 
   return {"pillow": pillow, "opencv": opencv}
 

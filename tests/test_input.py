@@ -222,9 +222,41 @@ def test_bilinear_crop_filter_needs_opencv_and_a_known_name(monkeypatch):
   with pytest.raises(UserError, match="crop_filter='box' is not allowed"):
     pipeline.Augment("random_resized", crop_filter="box")
   monkeypatch.setitem(sys.modules, "cv2", None)  # as if not installed
-  with pytest.raises(UserError, match="needs OpenCV: pip install 'kswap_jax\\[opencv\\]'"):
-    pipeline.Augment("random_resized", crop_filter="bilinear")
-  pipeline.Augment("random_resized")  # the default needs no OpenCV
+  pipeline._opencv.cache_clear()  # pylint: disable=protected-access
+  try:
+    with pytest.raises(UserError, match="needs OpenCV: pip install 'kswap_jax\\[opencv\\]'"):
+      pipeline.Augment("random_resized", crop_filter="bilinear")
+    pipeline.Augment("random_resized")  # the default needs no OpenCV,
+    pipeline.Augment(flip=True, crop_filter="bilinear")  # nor a set without random crops
+  finally:
+    pipeline._opencv.cache_clear()  # pylint: disable=protected-access
+
+
+def test_bilinear_crop_is_the_drawn_box_resized_then_flipped(jpegs, monkeypatch):
+  """With crop_filter "bilinear", a training image is `bilinear` of the box `crop_box` draws
+  from the decoded file, then mirrored if the next draw is below 1/2; sets joined by `concat`
+  decode their parts' JPEG files with OpenCV too."""
+  src = sources.open_source("striped_jpegs", "train", jpegs)
+  classes = range(len(src.class_names))
+  aug = pipeline.Augment("random_resized", 0.2, True, "bilinear")
+  ex = pipeline.select(src, classes, classes, image_size=12, channels=3, cache=False,
+                       augment=aug)
+  pos = np.arange(len(ex))
+  got = ex.train_images(pos, (3, 1), pos)
+  flips = 0
+  for j, rng in enumerate(pipeline.example_rngs((3, 1), pos, pos)):
+    image = np.asarray(Image.open(io.BytesIO(src.encoded(ex.indices[j]))).convert("RGB"))
+    left, top, right, bottom = pipeline.crop_box(rng, *image.shape[:2], 0.2)
+    want = pipeline.bilinear(image[top:bottom, left:right], 12, 12)
+    flip = rng.random() < 0.5
+    flips += flip
+    np.testing.assert_array_equal(got[j], want[:, ::-1] if flip else want)
+  assert 0 < flips < len(pos)
+  by_opencv, decode_jpeg = [], pipeline.decode_jpeg
+  monkeypatch.setattr(pipeline, "decode_jpeg", lambda *a: by_opencv.append(1) or decode_jpeg(*a))
+  both = pipeline.concat(ex, ex).train_images(np.arange(4), (3, 1), np.arange(4))
+  assert len(by_opencv) == 4
+  np.testing.assert_array_equal(both, got[:4])
 
 
 def test_union_of_sets_reads_through_its_parts():
@@ -297,9 +329,8 @@ def test_files_decoded_here_give_the_pixels_of_the_decoded_arrays(jpegs, tmp_pat
       Image.fromarray(rng.integers(0, 255, (30 + i, 40 - i, 3), np.uint8)).convert(mode).save(
           tmp_path / "folder/train" / f"c{k}" / f"{i}.{fmt.lower()}", fmt,
           **({"exif": exif} if exif else {}))
-  cv2, by_opencv = pipeline._opencv(), []  # pylint: disable=protected-access
-  imdecode = cv2.imdecode
-  monkeypatch.setattr(cv2, "imdecode", lambda *a: by_opencv.append(1) or imdecode(*a))
+  by_opencv, decode_jpeg = [], pipeline.decode_jpeg
+  monkeypatch.setattr(pipeline, "decode_jpeg", lambda *a: by_opencv.append(1) or decode_jpeg(*a))
   tfds_src = sources.open_source("striped_jpegs", "train", jpegs)
   folder_src = sources.open_source(f"folder:{tmp_path / 'folder'}", "train")
   # (source, classes read through `image`, images OpenCV decodes with 3 and with 1 channel)
@@ -336,13 +367,19 @@ def test_files_decoded_here_give_the_pixels_of_the_decoded_arrays(jpegs, tmp_pat
 
 
 @pytest.mark.parametrize("crop_filter", pipeline.CROP_FILTERS)
-def test_decoding_threads_give_the_same_images(crop_filter):
+def test_decoding_threads_give_the_same_images(crop_filter, jpegs):
   aug = pipeline.Augment("random_resized", 0.3, True, crop_filter)
   pos = np.arange(20)
   one, four = _set(aug, cache=False), _set(aug, cache=False, workers=4)
   np.testing.assert_array_equal(one.train_images(pos, (1, 3), pos),
                                 four.train_images(pos, (1, 3), pos))
   np.testing.assert_array_equal(one.images(pos), four.images(pos))
+  src = sources.open_source("striped_jpegs", "train", jpegs)  # decoded from JPEG files
+  one, four = (pipeline.select(src, [0, 1, 2], [0, 1, 2], image_size=12, channels=3,
+                               cache=False, augment=aug, workers=w) for w in (0, 4))
+  pos = np.arange(len(one))
+  np.testing.assert_array_equal(one.train_images(pos, (1, 3), pos),
+                                four.train_images(pos, (1, 3), pos))
 
 
 def test_grain_loader_gives_the_same_batches_with_any_worker_count():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from concurrent import futures
 import dataclasses
+import functools
 import io
 import math
 from typing import Callable, Iterator, Sequence
@@ -117,12 +118,12 @@ class Augment:
     image with area a fraction in [crop_min_area, 1] of it and aspect ratio in [3/4, 4/3]
     (log-uniform), resized to size x size (Inception's crop, torchvision's RandomResizedCrop;
     the whole image if 10 tries find no region that fits).
-  crop_filter: how the region is resized. "antialias": Pillow's bilinear, antialiased when
-    shrinking (torchvision's RandomResizedCrop on PIL images). "bilinear": bilinear sampling
-    without antialiasing (`bilinear`; the pixels of big_vision's
-    decode_jpeg_and_inception_crop, whose default is antialias=False); JPEGs decoded by
-    OpenCV. About 40% less CPU time per 224 x 224 crop of a 500 x 375 JPEG
-    (benchmarks/results/decode_options.json); needs OpenCV.
+  crop_filter: how the random region is resized (no effect without one). "antialias":
+    Pillow's bilinear, antialiased when shrinking (torchvision's RandomResizedCrop on PIL
+    images). "bilinear": bilinear sampling without antialiasing (`bilinear`; the filter of
+    big_vision's decode_jpeg_and_inception_crop, whose default is antialias=False), JPEGs
+    decoded by OpenCV (`decode_jpeg`). About 40% less CPU time per 224 x 224 crop of a
+    500 x 375 JPEG (benchmarks/results/decode_options.json); needs OpenCV.
   flip: mirror left-right with probability 1/2.
   """
   crop: str = "none"
@@ -138,7 +139,7 @@ class Augment:
     if self.crop_filter not in CROP_FILTERS:
       raise UserError(f"data.crop_filter={self.crop_filter!r} is not allowed; use one of "
                       f"{list(CROP_FILTERS)}")
-    if self.crop_filter == "bilinear":
+    if self.crop != "none" and self.crop_filter == "bilinear":
       _opencv()  # fails now, not at the first batch
 
   @property
@@ -146,8 +147,9 @@ class Augment:
     return self.crop != "none" or self.flip
 
 
+@functools.cache
 def _opencv():
-  """The cv2 module, limited to one thread (the loader's threads share the cores); a UserError
+  """The cv2 module, set to one thread (the loader's threads share the cores); a UserError
   saying how to install it where it is missing."""
   try:
     import cv2  # pylint: disable=g-import-not-at-top
@@ -166,6 +168,20 @@ def bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
   cv2 = _opencv()
   out = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
   return out.reshape(height, width, image.shape[-1])
+
+
+def decode_jpeg(data: bytes, channels: int) -> np.ndarray | None:
+  """A JPEG file -> uint8 (H, W, channels) by OpenCV (channels 1 or 3), leaving an EXIF
+  orientation unapplied as Pillow does; None where OpenCV cannot decode it to 8 bits. For a
+  file that Pillow reads in mode "RGB" or "L" (and for channels 1, "L"), the pixels are
+  Pillow's: both decode with libjpeg-turbo. Unlike Pillow, OpenCV also decodes some corrupt
+  files (libjpeg's warnings are not errors to it)."""
+  cv2 = _opencv()
+  mode = cv2.IMREAD_COLOR_RGB if channels == 3 else cv2.IMREAD_GRAYSCALE
+  out = cv2.imdecode(np.frombuffer(data, np.uint8), mode | cv2.IMREAD_IGNORE_ORIENTATION)
+  if out is None or out.dtype != np.uint8:  # e.g. a 12-bit JPEG
+    return None
+  return out.reshape(*out.shape[:2], channels)
 
 
 def flip_lr(image: np.ndarray) -> np.ndarray:
@@ -238,9 +254,9 @@ class ExampleSet:
     return self.source.image(self.indices[p])
 
   def _file(self, p: int) -> tuple[bytes, Image.Image] | None:
-    """(the stored file of image p, Pillow's image of it, header read) where the source keeps
-    one, the set has 1 or 3 channels and Pillow reads the file in mode "L" or "RGB"; else
-    None."""
+    """(the stored file of image p, Pillow's image of it with only its header read) where the
+    source keeps one, the set has 1 or 3 channels and Pillow reads the file in mode "L" or
+    "RGB"; else None."""
     if self.source.encoded is None or self.shape[2] not in (1, 3):
       return None
     data = self.source.encoded(self.indices[p])
@@ -254,9 +270,12 @@ class ExampleSet:
 
   def _picture(self, p: int) -> np.ndarray | Image.Image:
     """The source image at position p: decoded by Pillow from its file (`_file`, mode "L" or
-    "RGB"), else `decoded(p)`. A file that Pillow fails on is read by `decoded` (which says
-    why it cannot)."""
-    file = self._file(p)
+    "RGB"), else `decoded(p)` (`_load`)."""
+    return self._load(p, self._file(p))
+
+  def _load(self, p: int, file: tuple[bytes, Image.Image] | None) -> np.ndarray | Image.Image:
+    """`_picture` of image p from its `_file`, read already. A file that Pillow fails on is
+    read by `decoded` (which says why it cannot)."""
     if file is not None:
       try:
         file[1].load()
@@ -267,20 +286,17 @@ class ExampleSet:
 
   def _pixels(self, p: int) -> np.ndarray:
     """The source image at position p, uint8 (H, W, C) with the set's C channels. A whole
-    JPEG file (`_file`; ending with its end-of-image marker) is decoded by OpenCV, which gives
-    Pillow's pixels (the same libjpeg-turbo decode) without their copy out of Pillow's 4-byte
-    layout; except a colour file read as grey, which Pillow converts with its own weights.
-    Other images come from `_picture`."""
+    JPEG file (`_file`; ending with its end-of-image marker) is decoded by OpenCV
+    (`decode_jpeg`: Pillow's pixels without their copy out of Pillow's 4-byte layout); not a
+    colour file read as grey, which Pillow converts with its own weights. Other images come
+    from `_picture`."""
     file, c = self._file(p), self.shape[2]
     if (file is not None and file[1].format == "JPEG" and (file[1].mode, c) != ("RGB", 1)
         and file[0].endswith(b"\xff\xd9")):
-      cv2 = _opencv()
-      mode = cv2.IMREAD_COLOR_RGB if c == 3 else cv2.IMREAD_GRAYSCALE
-      # Pillow leaves an EXIF orientation unapplied, and so must OpenCV.
-      out = cv2.imdecode(np.frombuffer(file[0], np.uint8), mode | cv2.IMREAD_IGNORE_ORIENTATION)
-      if out is not None and out.dtype == np.uint8:  # not a 12-bit JPEG
-        return out.reshape(*out.shape[:2], c)
-    picture = self._picture(p)
+      out = decode_jpeg(file[0], c)
+      if out is not None:
+        return out
+    picture = self._load(p, file)
     return (_channels(picture, c) if isinstance(picture, np.ndarray) else
             _array(_pillow(picture, c)))
 
