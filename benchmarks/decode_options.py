@@ -21,13 +21,14 @@ round, so a shared machine's load weighs on all alike):
                               tf.image.resize bilinear, antialias=False: big_vision's op
   tf crop antialias           the same, antialias=True
 
-Rows whose library is not installed (OpenCV, TensorFlow: neither is a dependency) are left out.
+Rows whose library is not installed (OpenCV, TensorFlow: optional, the `opencv` and `tf`
+extras) are left out.
 Each row gives ms per image, images per CPU-second and that as % of Pillow's decode and of its
 own library's decode. Pixel checks over the images: the largest |difference| between OpenCV's
 and Pillow's decode, between `opencv + pillow antialias` and `pillow crop antialias`, and
 between the two libraries' plain bilinear crops.
 
-  pip install opencv-python-headless tensorflow-cpu   # optional: their rows
+  pip install -e '.[opencv]' tensorflow-cpu   # optional: their rows
   python benchmarks/decode_options.py [--images 300] [--rounds 5] [--out FILE]
 
 Writes benchmarks/results/decode_options.json and prints a table.
